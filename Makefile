@@ -1,0 +1,31 @@
+# The two commands of README: `make repro` and `make test`. Both create .venv when missing.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(abspath $(VENV))/bin
+STAMP  := $(VENV)/.installed
+# Stage commands run `python`; put the project's environment first on PATH.
+RUN    := PATH="$(BIN):$$PATH" HF_HUB_DISABLE_TELEMETRY=1
+
+.PHONY: venv repro test bench clean-venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml envs/cpu-constraints.txt envs/no-deps.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c envs/cpu-constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps -r envs/no-deps.txt
+	$(BIN)/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $(STAMP)
+
+repro: venv
+	$(RUN) dvc repro
+
+test: venv
+	$(RUN) HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python -m pytest -q
+
+bench: venv
+	$(RUN) python bench/generate.py
+
+clean-venv:
+	rm -rf $(VENV)

