@@ -88,6 +88,8 @@ class SeededSampler:
         """(probabilities, token ids), both (batch, k), most probable first, zero outside the
         nucleus; rows do not sum to 1."""
         probs = torch.softmax(scores.float() / self.temperature, dim=-1)  # (batch, vocab)
+        if self.top_p >= 1.0:  # the whole vocabulary; a float cumsum can pass 1 before its end
+            return probs, torch.arange(probs.shape[-1], device=probs.device).expand_as(probs)
         k = min(self.first_k, probs.shape[-1])
         while True:
             top, ids = probs.topk(k, dim=-1)
@@ -150,7 +152,8 @@ def _sample_batch(model, prompts: list[list[int]], seeds: list[list[int]], cfg: 
               past_key_values=cache, use_cache=True, logits_to_keep=1)
         cache.batch_repeat_interleave(n)
     gen_cfg = GenerationConfig(max_new_tokens=cfg.max_new_tokens, do_sample=False, num_beams=1,
-                               eos_token_id=stop_ids, pad_token_id=pad_id)
+                               eos_token_id=stop_ids, pad_token_id=pad_id,
+                               bos_token_id=model.generation_config.bos_token_id)
     sampler = SeededSampler([s for row in seeds for s in row], cfg.temperature, cfg.top_p, device)
     out = model.generate(
         input_ids=ids.repeat_interleave(n, 0),

