@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+import math
+from typing import Annotated, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -91,6 +92,82 @@ class GenerateParams(_Section):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm only")
 
 
+class IFEvalOptions(_Section):
+    """The ``ifeval`` scorer takes no options."""
+
+
+class SequenceClassificationOptions(_Section):
+    """A reward model loaded with ``AutoModelForSequenceClassification``."""
+
+    model: str = Field(..., min_length=1, description="Hub id or local folder, e.g. RLHFlow/ArmoRM-Llama3-8B-v0.1")
+    revision: str | None = None
+    trust_remote_code: bool = False
+    score_attribute: str | None = Field(
+        None, description="output attribute holding the reward (ArmoRM: 'score'); default: the one logit")
+    batch_size: int = Field(8, gt=0, description="conversations per forward pass")
+    max_length: int = Field(4096, gt=0, description="tokens; longer conversations are truncated (counted)")
+    dtype: Dtype = "auto"
+
+
+class _Scorer(_Section):
+    weight: float = Field(1.0, description="the reward is the weighted sum of the scorers' values")
+
+    @model_validator(mode="after")
+    def _finite_weight(self):
+        if not math.isfinite(self.weight):
+            raise ValueError(f"weight: must be finite, got {self.weight}")
+        return self
+
+
+class IFEvalScorer(_Scorer):
+    """Verifiable instruction-following reward (IFEval checkers, loose fraction followed)."""
+
+    name: Literal["ifeval"]
+    options: IFEvalOptions = IFEvalOptions()
+
+
+class SequenceClassificationScorer(_Scorer):
+    """A reward model's scalar output for the (prompt, response) conversation."""
+
+    name: Literal["sequence-classification"]
+    options: SequenceClassificationOptions
+
+
+Scorer = Annotated[Union[IFEvalScorer, SequenceClassificationScorer], Field(discriminator="name")]
+
+
+class RewardParams(_Section):
+    """How responses are scored (REBEL recipe, part 2)."""
+
+    scorers: list[Scorer] = Field(default_factory=lambda: [IFEvalScorer(name="ifeval")], min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "RewardParams":
+        names = [s.name for s in self.scorers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"scorers: each scorer may appear once (its column is reward_<name>), got {names}")
+        return self
+
+
+class PairsParams(_Section):
+    """Filtering and tokenizing chosen/rejected pairs (REBEL recipe, part 3)."""
+
+    max_prompt_tokens: int = Field(1024, gt=0, description="tokens, chat template and generation prompt included")
+    max_response_tokens: int = Field(2048, gt=0, description="tokens, end-of-turn token included")
+    min_reward_gap: float = Field(
+        0.0, ge=0, description="drop pairs whose reward gap is below this; exact ties are always dropped")
+
+
+class TrainParams(_Section):
+    """Policy optimisation (REBEL recipe, part 4). So far: the keys the reference log-probs use."""
+
+    temperature: float = Field(
+        0.8, gt=0, description="logits are divided by it for log-probs, as in the REBEL reference "
+        "(the sampling temperature)")
+    dtype: Dtype = "auto"
+    logprob_batch_size: int = Field(8, gt=0, description="sequences per no-grad log-prob forward pass")
+
+
 class Params(_Section):
     """The whole of ``params.yaml``."""
 
@@ -98,6 +175,9 @@ class Params(_Section):
     policy: PolicyParams = PolicyParams()
     data: DataParams = DataParams()
     generate: GenerateParams = GenerateParams()
+    reward: RewardParams = RewardParams()
+    pairs: PairsParams = PairsParams()
+    train: TrainParams = TrainParams()
 
 
 def _format_errors(source: str, exc: ValidationError) -> str:

@@ -102,3 +102,24 @@ def run_dvc(project: Path, *args: str, check: bool = True) -> subprocess.Complet
     if check and proc.returncode != 0:
         raise AssertionError(f"dvc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def build_reward_model(out: Path, tokenizer_dir: Path, nan: bool = False) -> Path:
+    """A tiny random Bradley–Terry-style reward model (one logit) with the SmolLM2 tokenizer;
+    ``nan=True`` makes its score head output NaN."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForSequenceClassification
+
+    torch.manual_seed(1)
+    model = LlamaForSequenceClassification(tiny_llama_config(num_labels=1, pad_token_id=2))
+    if nan:
+        with torch.no_grad():
+            model.score.weight.fill_(float("nan"))
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    return build_reward_model(tmp_path_factory.mktemp("tiny_rm") / "rm", tiny_model_dir)

@@ -46,6 +46,17 @@ def test_empty_file_gives_defaults():
         ({"data": {"source": "huggingface"}}, "data.dataset"),
         ({"policy": {"model": ""}}, "policy.model"),
         ({"seed": -1}, "seed"),
+        ({"reward": {"scorers": []}}, "reward.scorers"),
+        ({"reward": {"scorers": [{"name": "ifeval"}, {"name": "ifeval"}]}}, "reward.scorers"),
+        ({"reward": {"scorers": [{"name": "bleu"}]}}, "reward.scorers.0"),
+        ({"reward": {"scorers": [{"name": "sequence-classification"}]}},
+         "reward.scorers.0.sequence-classification.options"),
+        ({"reward": {"scorers": [{"name": "sequence-classification", "options": {"model": "m", "batch_size": 0}}]}},
+         "reward.scorers.0.sequence-classification.options.batch_size"),
+        ({"reward": {"scorers": [{"name": "ifeval", "weight": float("inf")}]}}, "reward.scorers.0.ifeval.weight"),
+        ({"pairs": {"max_prompt_tokens": 0}}, "pairs.max_prompt_tokens"),
+        ({"pairs": {"max_response_tokens": -5}}, "pairs.max_response_tokens"),
+        ({"pairs": {"min_reward_gap": -0.1}}, "pairs.min_reward_gap"),
         ({"seed": "abc"}, "seed"),
     ],
 )
@@ -57,6 +68,8 @@ def test_rejected_values_name_their_key(raw, key):
 
 @pytest.mark.parametrize("raw, key", [({"generate": {"temprature": 0.7}}, "generate.temprature"),
                                       ({"trainer": {}}, "trainer"),
+                                      ({"reward": {"scorers": [{"name": "ifeval", "options": {"x": 1}}]}},
+                                       "reward.scorers.0.ifeval.options.x"),
                                       ({"data": {"split": "train", "shuffle": True}}, "data.shuffle")])
 def test_unknown_keys_are_named(raw, key):
     with pytest.raises(PipelineError, match=f"unknown key {key}$"):

@@ -1,0 +1,105 @@
+"""Summed response log-probs of a causal LM, with dynamic padding per micro-batch.
+
+Used for the reference policy π0 once (``ref_logprobs`` stage) and for the policy πθ in every
+training step. Prompt and response are concatenated per row and right-padded only to the longest
+row of the micro-batch; micro-batches are grouped by length so padding stays small.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Row indices in micro-batches of ``batch_size``, longest rows first, ties by index.
+
+    Longest first, so a micro-batch that does not fit in memory fails at the start.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def pad_sequences(prompts: list[list[int]], responses: list[list[int]], pad_id: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Concatenate prompt + response per row and right-pad to the longest row.
+
+    Returns:
+        input_ids (batch, width), attention_mask (batch, width), and response_mask
+        (batch, width), 1 at the positions of response tokens.
+    """
+    width = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(prompts), width), dtype=torch.long)
+    resp = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        ids[i, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
+        attn[i, : len(p) + len(r)] = 1
+        resp[i, len(p): len(p) + len(r)] = 1
+    return ids, attn, resp
+
+
+def sequence_logprobs(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """Sum over response tokens of log πθ(token | prefix), logits divided by ``temperature``.
+
+    Args:
+        prompts, responses: token id lists per row (no padding).
+        temperature: the sampling temperature; the REBEL reference divides logits by it so the
+            log-probs are those of the distribution the responses were sampled from.
+
+    Returns:
+        (batch,) float32 tensor of summed log-probs, in nats, on the model's device. Gradients flow
+        when called outside ``torch.no_grad``.
+    """
+    ids, attn, resp = pad_sequences(prompts, responses, pad_id)
+    ids, attn, resp = ids.to(model.device), attn.to(model.device), resp.to(model.device)
+    # Logits are only needed from the first response position on: skip the lm_head on the
+    # shared prompt prefix (the vocabulary projection is the largest matmul of a small model).
+    first = min(len(p) for p in prompts)
+    keep = ids.shape[1] - first + 1
+    logits = model(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits  # (batch, keep, vocab)
+    logits = logits[:, :-1].float() / temperature  # position t predicts token t + 1
+    targets = ids[:, first:]
+    token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return (token_logps * resp[:, first:]).sum(-1)
+
+
+def check_context_length(lengths: list[int], max_positions: int | None, where: str) -> None:
+    """Fail before any forward pass if a prompt + response exceeds the model's context.
+
+    Raises:
+        PipelineError: naming the longest row and the limit.
+    """
+    from rlhf_pipeline.errors import PipelineError
+
+    if max_positions and lengths and max(lengths) > max_positions:
+        row = max(range(len(lengths)), key=lengths.__getitem__)
+        raise PipelineError(f"{where}: row {row} has {lengths[row]} tokens, more than the model's context "
+                            f"of {max_positions} (lower pairs.max_prompt_tokens / pairs.max_response_tokens)")
+
+
+@torch.no_grad()
+def pair_logprobs(model, prompts: list[list[int]], chosen: list[list[int]], rejected: list[list[int]],
+                  pad_id: int, temperature: float, batch_size: int, autocast_dtype: torch.dtype | None = None,
+                  progress: bool = True) -> tuple[list[float], list[float]]:
+    """No-grad summed log-probs of each pair's chosen and rejected response.
+
+    The 2N sequences are batched together by length. ``autocast_dtype``: run the forward pass
+    under ``torch.autocast`` in that dtype (bf16 where the device computes it natively).
+
+    Returns:
+        (chosen log-probs, rejected log-probs), N floats each, nats.
+    """
+    from tqdm.auto import tqdm
+
+    rows = [(p, r) for p, c, rj in zip(prompts, chosen, rejected) for r in (c, rj)]
+    out = [0.0] * len(rows)
+    batches = length_grouped_batches([len(p) + len(r) for p, r in rows], batch_size)
+    for idx in tqdm(batches, desc="log-probs", disable=not progress):
+        with torch.autocast(model.device.type, dtype=autocast_dtype or torch.float32,
+                            enabled=autocast_dtype is not None):
+            values = sequence_logprobs(model, [rows[i][0] for i in idx], [rows[i][1] for i in idx],
+                                       pad_id, temperature)
+        for i, v in zip(idx, values.tolist()):
+            out[i] = v
+    return out[0::2], out[1::2]

@@ -1,0 +1,74 @@
+"""Pairwise policy losses on sequence log-probs: REBEL, DPO, IPO, SimPO.
+
+Every loss takes per-pair tensors of shape (batch,): summed response log-probs (nats) of the
+chosen (y) and rejected (y') response under the policy πθ and, where used, the reference policy
+π0, plus rewards or lengths. They differ only here; data, batching and optimisation are shared.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rebel_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+               ref_rejected: torch.Tensor, reward_chosen: torch.Tensor, reward_rejected: torch.Tensor,
+               eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """REBEL: regress the relative reward with the relative log-ratio.
+
+    Gao et al., "REBEL: Reinforcement Learning via Regressing Relative Rewards", arXiv 2404.16767,
+    Eq. (1)/Algorithm 1::
+
+        reg_diff = ((log πθ(y|x) − log π0(y|x)) − (log πθ(y'|x) − log π0(y'|x))) / η − (r(x,y) − r(x,y'))
+        loss     = mean(reg_diff²)
+
+    The reference implementation (ZhaolinGao/REBEL) minimises ((Δ log-ratio) − η (Δr))², the same
+    objective scaled by η²: the minimiser is identical, and with AdamW (invariant to a constant
+    scale of the loss, up to eps) the updates barely differ.
+
+    Args:
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected: (batch,) summed log-probs, nats.
+        reward_chosen, reward_rejected: (batch,) rewards.
+        eta: η > 0.
+
+    Returns:
+        (scalar loss, reg_diff of shape (batch,)).
+    """
+    predicted_gap = ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)) / eta
+    reg_diff = predicted_gap - (reward_chosen - reward_rejected)
+    return reg_diff.pow(2).mean(), reg_diff
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float) -> torch.Tensor:
+    """DPO: −log σ(β (Δ log-ratio)).
+
+    Rafailov et al., "Direct Preference Optimization", arXiv 2305.18290, Eq. (7). Inputs are
+    (batch,) summed log-probs in nats; returns the scalar mean loss.
+    """
+    logits = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    return -F.logsigmoid(beta * logits).mean()
+
+
+def ipo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, tau: float) -> torch.Tensor:
+    """IPO: (Δ log-ratio − 1/(2τ))².
+
+    Azar et al., "A General Theoretical Paradigm to Understand Learning from Human Preferences",
+    arXiv 2310.12036, Eq. (17), with summed log-probs as in the paper (TRL averages them per
+    token). Inputs (batch,) in nats; returns the scalar mean loss.
+    """
+    logits = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    return (logits - 1.0 / (2.0 * tau)).pow(2).mean()
+
+
+def simpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, chosen_tokens: torch.Tensor,
+               rejected_tokens: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
+    """SimPO: −log σ(β/|y| log πθ(y|x) − β/|y'| log πθ(y'|x) − γ); no reference policy.
+
+    Meng et al., "SimPO: Simple Preference Optimization with a Reference-Free Reward",
+    arXiv 2405.14734, Eq. (6). ``chosen_tokens``/``rejected_tokens``: (batch,) response lengths in
+    tokens; log-probs (batch,) summed, nats. Returns the scalar mean loss.
+    """
+    margin = beta * policy_chosen / chosen_tokens - beta * policy_rejected / rejected_tokens - gamma
+    return -F.logsigmoid(margin).mean()

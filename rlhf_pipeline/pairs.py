@@ -1,0 +1,147 @@
+"""Chosen/rejected pairs (REBEL recipe, part 3): token limits, argmax/argmin reward, tokenizing.
+
+Per prompt, chosen = the response with the highest reward and rejected = the one with the lowest
+(ties go to the lowest ``response_idx``), as in the REBEL reference's filter-and-tokenize step.
+Token ids are stored unpadded; padding happens per micro-batch in training.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from rlhf_pipeline.chat import prompt_token_ids
+from rlhf_pipeline.errors import PipelineError
+from rlhf_pipeline.params import PairsParams
+
+PAIRS_SCHEMA = pa.schema([
+    ("prompt_id", pa.string()),
+    ("prompt_ids", pa.list_(pa.int32())),
+    ("chosen_ids", pa.list_(pa.int32())),
+    ("rejected_ids", pa.list_(pa.int32())),
+    ("chosen", pa.string()),
+    ("rejected", pa.string()),
+    ("chosen_reward", pa.float64()),
+    ("rejected_reward", pa.float64()),
+    ("chosen_response_idx", pa.int32()),
+    ("rejected_response_idx", pa.int32()),
+])
+
+#: Why a prompt yields no pair, in the order the filters run.
+DROP_REASONS = ("prompt_too_long", "response_too_long", "too_few_responses", "identical_texts",
+                "reward_tie", "below_min_reward_gap")
+
+
+def response_token_ids(tokenizer, response: str) -> list[int]:
+    """Tokens of a response as the policy emits it: its text, then the end-of-turn (EOS) token.
+
+    Returns:
+        list of ids, shape (response_tokens + 1,); the chat template's header is not included.
+    """
+    return list(tokenizer(response, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+
+
+@dataclass
+class Candidate:
+    response_idx: int
+    text: str
+    reward: float
+    ids: list[int]
+
+
+def join_scores(generations: pa.Table, scores: pa.Table, where: str) -> dict[str, list[tuple[int, str, float]]]:
+    """Per prompt_id, its (response_idx, response, reward), checking both files cover the same rows.
+
+    Raises:
+        PipelineError: a response without a score or a score without a response (named).
+    """
+    g = {(p, i): t for p, i, t in zip(generations.column("prompt_id").to_pylist(),
+                                      generations.column("response_idx").to_pylist(),
+                                      generations.column("response").to_pylist())}
+    s = {(p, i): r for p, i, r in zip(scores.column("prompt_id").to_pylist(),
+                                      scores.column("response_idx").to_pylist(),
+                                      scores.column("reward").to_pylist())}
+    if g.keys() != s.keys():
+        extra, missing = sorted(s.keys() - g.keys()), sorted(g.keys() - s.keys())
+        raise PipelineError(f"{where}: generations and scores disagree: unscored responses {missing[:3]}, "
+                            f"scores without a response {extra[:3]} (rerun the score stage)")
+    out: dict[str, list] = defaultdict(list)
+    for (pid, idx), text in g.items():
+        out[pid].append((idx, text, s[(pid, idx)]))
+    return out
+
+
+def build_pairs(responses: dict[str, list[tuple[int, str, float]]], prompts: dict[str, str], tokenizer,
+                cfg: PairsParams) -> tuple[pa.Table, dict]:
+    """One chosen/rejected pair per prompt that survives the filters.
+
+    Filters, in order: the prompt's chat-formatted length exceeds ``max_prompt_tokens``
+    (generation prompt included); responses whose tokens plus end-of-turn exceed
+    ``max_response_tokens`` are dropped, and a prompt left with fewer than two responses yields
+    nothing; all texts identical; all rewards equal (argmax = argmin: no preference); chosen and
+    rejected texts identical; reward gap below ``min_reward_gap``.
+
+    Returns:
+        (``data/pairs.parquet`` table sorted by prompt_id, counts and means for the metrics file).
+
+    Raises:
+        PipelineError: a response's prompt is unknown, or every prompt was filtered out (the
+            message gives the count per filter).
+    """
+    missing = sorted(responses.keys() - prompts.keys())
+    if missing:
+        raise PipelineError(f"responses for prompts not in the prompt file: {missing[:5]}")
+    counts = {"prompts_in": len(responses), "responses_in": sum(len(v) for v in responses.values()),
+              "responses_dropped_too_long": 0, **{f"dropped_{r}": 0 for r in DROP_REASONS}}
+    rows = []
+    for pid in sorted(responses):
+        prompt_ids = prompt_token_ids(tokenizer, prompts[pid])
+        if len(prompt_ids) > cfg.max_prompt_tokens:
+            counts["dropped_prompt_too_long"] += 1
+            continue
+        cands = []
+        for idx, text, reward in sorted(responses[pid]):
+            ids = response_token_ids(tokenizer, text)
+            if len(ids) > cfg.max_response_tokens:
+                counts["responses_dropped_too_long"] += 1
+            else:
+                cands.append(Candidate(idx, text, reward, ids))
+        if len(cands) < 2:
+            reason = "response_too_long" if len(cands) < len(responses[pid]) else "too_few_responses"
+            counts[f"dropped_{reason}"] += 1
+            continue
+        chosen = min(cands, key=lambda c: (-c.reward, c.response_idx))
+        rejected = min(cands, key=lambda c: (c.reward, c.response_idx))
+        gap = chosen.reward - rejected.reward
+        if len({c.text for c in cands}) == 1:
+            reason = "identical_texts"  # e.g. a prompt every sample answers the same way
+        elif chosen.response_idx == rejected.response_idx:
+            reason = "reward_tie"  # all rewards equal: argmax and argmin are the same response
+        elif chosen.text == rejected.text:
+            reason = "identical_texts"  # a scorer that is not a function of the text
+        elif gap < cfg.min_reward_gap:
+            reason = "below_min_reward_gap"
+        else:
+            reason = None
+        if reason:
+            counts[f"dropped_{reason}"] += 1
+            continue
+        rows.append({"prompt_id": pid, "prompt_ids": prompt_ids, "chosen_ids": chosen.ids,
+                     "rejected_ids": rejected.ids, "chosen": chosen.text, "rejected": rejected.text,
+                     "chosen_reward": chosen.reward, "rejected_reward": rejected.reward,
+                     "chosen_response_idx": chosen.response_idx, "rejected_response_idx": rejected.response_idx})
+    counts["pairs_out"] = len(rows)
+    if not rows:
+        why = ", ".join(f"{counts[f'dropped_{r}']} {r.replace('_', ' ')}" for r in DROP_REASONS)
+        raise PipelineError(f"no pairs left: every one of {counts['prompts_in']} prompts was filtered out ({why}); "
+                            "check pairs.* limits and the reward spread in metrics/score.json")
+    counts.update({
+        "mean_reward_gap": round(statistics.fmean(r["chosen_reward"] - r["rejected_reward"] for r in rows), 6),
+        "mean_chosen_tokens": round(statistics.fmean(len(r["chosen_ids"]) for r in rows), 2),
+        "mean_rejected_tokens": round(statistics.fmean(len(r["rejected_ids"]) for r in rows), 2),
+        "mean_prompt_tokens": round(statistics.fmean(len(r["prompt_ids"]) for r in rows), 2),
+    })
+    return pa.Table.from_pylist(rows, schema=PAIRS_SCHEMA), counts

@@ -1,0 +1,105 @@
+"""Scoring responses (REBEL recipe, part 2): one module per scorer, combined here.
+
+The reward of a response is the weighted sum of its scorers' values (``reward.scorers``); each
+scorer's raw value is kept in its own ``reward_<name>`` column.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+
+import pyarrow as pa
+
+from rlhf_pipeline.errors import PipelineError
+from rlhf_pipeline.params import IFEvalScorer, RewardParams, SequenceClassificationScorer
+
+
+def reward_column(scorer_name: str) -> str:
+    """``reward_<name>`` with the name made a valid identifier (``sequence-classification`` ->
+    ``reward_sequence_classification``)."""
+    return "reward_" + scorer_name.replace("-", "_")
+
+
+def validate_scorers(cfg: RewardParams, prompts: pa.Table, where: str) -> None:
+    """Check, before any scoring, that every scorer has the prompt columns it needs.
+
+    Raises:
+        PipelineError: naming the scorer and what it needs.
+    """
+    from rlhf_pipeline.rewards import ifeval
+
+    for scorer in cfg.scorers:
+        if isinstance(scorer, IFEvalScorer):
+            ifeval.validate(prompts, where)
+
+
+def score_responses(rows: list[tuple[str, int, str]], prompts: pa.Table, cfg: RewardParams,
+                    where: str = "prompts", progress: bool = True) -> tuple[pa.Table, dict]:
+    """Score (prompt_id, response_idx, response) rows with every scorer of ``cfg``.
+
+    Returns:
+        (table with ``prompt_id``, ``response_idx``, ``reward`` and each scorer's columns, in the
+        order of ``rows``; facts for the metrics file: per-scorer seconds and extras).
+
+    Raises:
+        PipelineError: a scorer lacks what it needs (before scoring), a response's prompt is not
+            among ``prompts``, or a reward is NaN or infinite (prompt and response named).
+    """
+    from rlhf_pipeline.rewards import ifeval, sequence_classification
+
+    validate_scorers(cfg, prompts, where)
+    by_id = {r["prompt_id"]: r for r in prompts.to_pylist()}
+    unknown = sorted({pid for pid, _, _ in rows} - by_id.keys())
+    if unknown:
+        raise PipelineError(f"{where}: responses for prompts not in the prompt file: {unknown[:5]}")
+    texts = [(pid, resp) for pid, _, resp in rows]
+    columns: dict[str, pa.Array] = {
+        "prompt_id": pa.array([r[0] for r in rows], pa.string()),
+        "response_idx": pa.array([r[1] for r in rows], pa.int32()),
+    }
+    facts: dict = {}
+    total = [0.0] * len(rows)
+    for scorer in cfg.scorers:
+        t0 = time.perf_counter()
+        if isinstance(scorer, IFEvalScorer):
+            cols = ifeval.score(by_id, texts)
+        elif isinstance(scorer, SequenceClassificationScorer):
+            cols, extra = sequence_classification.score(by_id, texts, scorer.options, progress)
+            facts[f"{scorer.name}_truncated"] = extra["truncated"]
+        else:  # the schema admits no other scorer
+            raise PipelineError(f"reward.scorers: no scorer named {scorer.name!r}")
+        facts[f"{scorer.name}_seconds"] = round(time.perf_counter() - t0, 3)
+        name = reward_column(scorer.name)
+        for (pid, idx, _), value in zip(rows, cols[name].to_pylist()):
+            if value is None or not math.isfinite(value):
+                raise PipelineError(f"scorer {scorer.name!r} gave reward {value} to prompt {pid} response {idx}")
+        total = [t + scorer.weight * v for t, v in zip(total, cols[name].to_pylist())]
+        columns.update(cols)
+    columns["reward"] = pa.array(total, pa.float64())
+    order = ["prompt_id", "response_idx", "reward"] + [c for c in columns if c not in ("prompt_id", "response_idx", "reward")]
+    return pa.table({c: columns[c] for c in order}), facts
+
+
+def reward_summary(table: pa.Table) -> dict:
+    """Mean/std/min/max reward, and the share of prompts whose responses all tie."""
+    rewards = table.column("reward").to_pylist()
+    per_prompt: dict[str, set] = {}
+    for pid, r in zip(table.column("prompt_id").to_pylist(), rewards):
+        per_prompt.setdefault(pid, set()).add(r)
+    out = {
+        "responses_scored": len(rewards),
+        "prompts": len(per_prompt),
+        "reward_mean": statistics.fmean(rewards) if rewards else float("nan"),
+        "reward_std": statistics.pstdev(rewards) if rewards else float("nan"),
+        "reward_min": min(rewards, default=float("nan")),
+        "reward_max": max(rewards, default=float("nan")),
+        "all_tied_prompt_share": sum(len(v) == 1 for v in per_prompt.values()) / max(1, len(per_prompt)),
+    }
+    if "ifeval_all_loose" in table.column_names:  # IFEval's four accuracies over every response
+        for mode in ("loose", "strict"):
+            followed = [x for row in table.column(f"ifeval_followed_{mode}").to_pylist() for x in row]
+            out[f"ifeval_prompt_accuracy_{mode}"] = statistics.fmean(table.column(f"ifeval_all_{mode}").to_pylist())
+            out[f"ifeval_instruction_accuracy_{mode}"] = statistics.fmean(followed)
+    return {k: round(v, 6) if isinstance(v, float) else v for k, v in out.items()}

@@ -1,0 +1,92 @@
+"""Reward-model scorer: ``AutoModelForSequenceClassification`` on the (prompt, response) chat.
+
+Covers Bradley–Terry reward models with one logit (Skywork-Reward, FsfairX) and ArmoRM
+(``RLHFlow/ArmoRM-Llama3-8B-v0.1``, ``trust_remote_code: true``, ``score_attribute: score``), the
+seed recipe's reward model. The conversation is formatted with the reward model's own chat
+template; conversations are batched by length, bf16 where the device computes it natively.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pyarrow as pa
+import torch
+from tqdm.auto import tqdm
+
+from rlhf_pipeline.errors import PipelineError
+from rlhf_pipeline.params import SequenceClassificationOptions
+
+log = logging.getLogger(__name__)
+
+
+def load_reward_model(opts: SequenceClassificationOptions, device: torch.device):
+    """(model, tokenizer) of a reward model, in eval mode on ``device``.
+
+    Raises:
+        PipelineError: the model cannot be loaded, has no chat template, or (without
+            ``score_attribute``) has more than one output logit.
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rlhf_pipeline.models import resolve_dtype
+
+    key = "reward.scorers[sequence-classification].options.model"
+    kw = dict(revision=opts.revision, trust_remote_code=opts.trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(opts.model, **kw)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            opts.model, dtype=resolve_dtype(opts.dtype, device), **kw)
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"{key}: cannot load {opts.model!r}: {exc}") from None
+    if not tok.chat_template:
+        raise PipelineError(f"{key}: {opts.model!r} has no chat template to format the conversation")
+    if opts.score_attribute is None and getattr(model.config, "num_labels", 1) != 1:
+        raise PipelineError(f"{key}: {opts.model!r} has {model.config.num_labels} labels; a reward model has one "
+                            "(or set score_attribute)")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.config.pad_token_id = tok.pad_token_id  # the classifier reads the last non-pad position
+    return model.to(device).eval(), tok
+
+
+def conversation_ids(tokenizer, prompt: str, response: str) -> list[int]:
+    """Token ids of the two-turn conversation in the reward model's chat template."""
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
+                                         {"role": "assistant", "content": response}], tokenize=True)
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "input_ids") else ids)
+
+
+@torch.no_grad()
+def score(prompts: dict[str, dict], rows: list[tuple[str, str]], opts: SequenceClassificationOptions,
+          progress: bool = True) -> tuple[dict[str, pa.Array], dict]:
+    """The reward model's scalar for each (prompt_id, response) row.
+
+    Returns:
+        ({"reward_sequence_classification": float64 array aligned with rows},
+         {"truncated": conversations cut at options.max_length}).
+    """
+    from rlhf_pipeline.models import default_device
+
+    device = default_device()
+    model, tok = load_reward_model(opts, device)
+    encoded = [conversation_ids(tok, prompts[pid]["prompt"], resp) for pid, resp in rows]
+    truncated = sum(len(e) > opts.max_length for e in encoded)
+    encoded = [e[: opts.max_length] for e in encoded]
+    order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), i))
+    out = [0.0] * len(rows)
+    for start in tqdm(range(0, len(order), opts.batch_size), desc="score", disable=not progress):
+        idx = order[start:start + opts.batch_size]
+        width = max(len(encoded[i]) for i in idx)
+        ids = torch.full((len(idx), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(idx):  # right padding: the classifier pools the last real token
+            ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
+            mask[row, : len(encoded[i])] = 1
+        result = model(input_ids=ids.to(device), attention_mask=mask.to(device))
+        values = getattr(result, opts.score_attribute) if opts.score_attribute else result.logits
+        for row, i in enumerate(idx):
+            out[i] = float(values[row].reshape(-1)[0].float())
+    if truncated:
+        log.warning("%d conversations longer than %d tokens were truncated", truncated, opts.max_length)
+    return {"reward_sequence_classification": pa.array(out, pa.float64())}, {"truncated": truncated}

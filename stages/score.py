@@ -1,0 +1,32 @@
+"""score: generations + train prompts -> ``data/scores.parquet`` (a reward per response)."""
+
+import time
+
+import pyarrow as pa
+
+from rlhf_pipeline.cli import peak_rss_mb, run_stage
+from rlhf_pipeline.outputs import read_parquet, write_json, write_parquet
+from rlhf_pipeline.params import load_params
+from rlhf_pipeline.rewards import reward_summary, score_responses
+
+GENERATIONS = "data/generations.parquet"
+PROMPTS = "data/prompts/train.parquet"
+OUT = "data/scores.parquet"
+METRICS = "metrics/score.json"
+
+
+def main() -> None:
+    params = load_params()
+    prompts = read_parquet(PROMPTS, {"prompt_id": pa.string(), "prompt": pa.string()})
+    gens = read_parquet(GENERATIONS, {"prompt_id": pa.string(), "response_idx": pa.int32(), "response": pa.string()})
+    rows = sorted(zip(gens.column("prompt_id").to_pylist(), gens.column("response_idx").to_pylist(),
+                      gens.column("response").to_pylist()))
+    t0 = time.perf_counter()
+    table, facts = score_responses(rows, prompts, params.reward, where=PROMPTS)
+    seconds = time.perf_counter() - t0
+    write_parquet(table, OUT)
+    write_json({**reward_summary(table), **facts, "seconds": round(seconds, 3), "peak_rss_mb": peak_rss_mb()}, METRICS)
+
+
+if __name__ == "__main__":
+    run_stage(main)
