@@ -52,7 +52,8 @@ def sequence_logprobs(model, prompts: list[list[int]], responses: list[list[int]
         when called outside ``torch.no_grad``.
     """
     ids, attn, resp = pad_sequences(prompts, responses, pad_id)
-    ids, attn, resp = ids.to(model.device), attn.to(model.device), resp.to(model.device)
+    device = next(model.parameters()).device  # works through DDP/DeepSpeed wrappers too
+    ids, attn, resp = ids.to(device), attn.to(device), resp.to(device)
     # Logits are only needed from the first response position on: skip the lm_head on the
     # shared prompt prefix (the vocabulary projection is the largest matmul of a small model).
     first = min(len(p) for p in prompts)
@@ -96,7 +97,7 @@ def pair_logprobs(model, prompts: list[list[int]], chosen: list[list[int]], reje
     out = [0.0] * len(rows)
     batches = length_grouped_batches([len(p) + len(r) for p, r in rows], batch_size)
     for idx in tqdm(batches, desc="log-probs", disable=not progress):
-        with torch.autocast(model.device.type, dtype=autocast_dtype or torch.float32,
+        with torch.autocast(next(model.parameters()).device.type, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None):
             values = sequence_logprobs(model, [rows[i][0] for i in idx], [rows[i][1] for i in idx],
                                        pad_id, temperature)

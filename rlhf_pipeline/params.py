@@ -159,11 +159,30 @@ class PairsParams(_Section):
 
 
 class TrainParams(_Section):
-    """Policy optimisation (REBEL recipe, part 4). So far: the keys the reference log-probs use."""
+    """Policy optimisation (REBEL recipe, part 4), optimiser defaults as in the REBEL reference."""
 
+    loss: Literal["rebel", "dpo", "ipo", "simpo"] = "rebel"
+    eta: float = Field(1.0, gt=0, description="REBEL η: the log-ratio gap is regressed onto η × reward gap")
+    dpo_beta: float = Field(0.1, gt=0)
+    ipo_tau: float = Field(0.1, gt=0)
+    simpo_beta: float = Field(2.0, gt=0)
+    simpo_gamma: float = Field(0.5, ge=0)
     temperature: float = Field(
         0.8, gt=0, description="logits are divided by it for log-probs, as in the REBEL reference "
         "(the sampling temperature)")
+    learning_rate: float = Field(3e-6, gt=0)
+    epochs: int = Field(1, ge=1)
+    total_episodes: int | None = Field(None, ge=1, description="pairs seen in training; null: pairs x epochs")
+    per_device_train_batch_size: int = Field(4, ge=1, description="pairs per micro-batch")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    weight_decay: float = Field(1e-6, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.95, ge=0, lt=1)
+    adam_eps: float = Field(1e-8, gt=0)
+    gradient_checkpointing: bool = False
+    save_every: int = Field(10, ge=1, description="updates between resumable checkpoints")
     dtype: Dtype = "auto"
     logprob_batch_size: int = Field(8, gt=0, description="sequences per no-grad log-prob forward pass")
 

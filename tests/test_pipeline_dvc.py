@@ -1,5 +1,4 @@
-"""`dvc repro` of prepare_model -> prepare_prompts -> generate -> score -> pairs on a tiny config,
-in a temporary git clone."""
+"""`dvc repro` of the whole DAG (prepare_model ... train) on a tiny config, in a temporary git clone."""
 
 import json
 import subprocess
@@ -9,13 +8,24 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import make_project_clone, run_dvc, stage_env
+from conftest import REPO, make_project_clone, run_dvc, stage_env
 from rlhf_pipeline.generation import GENERATIONS_SCHEMA
 
 pytestmark = pytest.mark.slow
 
 
 def tiny_params(model_dir, reward_model_dir) -> dict:
+    """The repository's params.yaml with tiny overrides (DVC needs every declared key present)."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section, values in tiny_overrides(model_dir, reward_model_dir).items():
+        if isinstance(values, dict):
+            params[section].update(values)
+        else:
+            params[section] = values
+    return params
+
+
+def tiny_overrides(model_dir, reward_model_dir) -> dict:
     return {
         "seed": 7,
         "policy": {"model": str(model_dir)},
@@ -27,7 +37,8 @@ def tiny_params(model_dir, reward_model_dir) -> dict:
                                {"name": "sequence-classification", "weight": 1.0,
                                 "options": {"model": str(reward_model_dir), "dtype": "float32"}}]},
         "pairs": {"max_prompt_tokens": 1024, "max_response_tokens": 2048, "min_reward_gap": 0.0},
-        "train": {"temperature": 0.8, "dtype": "float32", "logprob_batch_size": 4},
+        "train": {"temperature": 0.8, "dtype": "float32", "logprob_batch_size": 4, "learning_rate": 1e-4,
+                  "per_device_train_batch_size": 2, "save_every": 2},
     }
 
 
@@ -73,7 +84,13 @@ def test_outputs_and_schema(project):
     assert all(v < 0 for c in ("chosen_logprob", "rejected_logprob") for v in ref.column(c).to_pylist())
     assert set(lock_md5s(project)) == {"models/base", "data/prompts/train.parquet", "data/prompts/test.parquet",
                                        "data/generations.parquet", "data/scores.parquet", "data/pairs.parquet",
-                                       "data/ref_logprobs.parquet"}
+                                       "data/ref_logprobs.parquet", "models/policy"}
+    train = json.loads((project / "metrics/train.json").read_text())
+    assert train["updates"] == pairs.num_rows // 2 and train["resumed_from_update"] == 0
+    assert (project / "metrics/train_log.tsv").read_text().count("\n") == train["updates"] + 1
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(project / "models/policy").config.num_hidden_layers == 2
     # No temporary leftovers beside the outputs.
     assert not [p for p in (project / "data").rglob(".*tmp-*")]
 
@@ -100,19 +117,29 @@ def test_changed_min_reward_gap_reruns_pairs_only(project):
     before = lock_md5s(project)
     set_param(project, "pairs", "min_reward_gap", 1e-4)
     # ref_logprobs runs only if the pairs file changed (DVC compares the new pairs' hash).
-    assert ran(run_dvc(project, "repro").stdout) - {"ref_logprobs"} == {"pairs"}
+    # ref_logprobs and train run only if the pairs file changed (DVC compares the new pairs' hash).
+    assert ran(run_dvc(project, "repro").stdout) - {"ref_logprobs", "train"} == {"pairs"}
     after = lock_md5s(project)
-    assert {k for k in before if before[k] != after[k]} <= {"data/pairs.parquet", "data/ref_logprobs.parquet"}
+    assert {k for k in before if before[k] != after[k]} <= {"data/pairs.parquet", "data/ref_logprobs.parquet",
+                                                            "models/policy"}
+
+
+def test_changed_eta_reruns_train_only(project):
+    before = lock_md5s(project)
+    set_param(project, "train", "eta", 0.5)
+    assert ran(run_dvc(project, "repro").stdout) == {"train"}
+    after = lock_md5s(project)
+    assert {k for k in before if before[k] != after[k]} == {"models/policy"}
 
 
 def test_changed_sampling_param_reruns_generate_and_later(project):
     set_param(project, "generate", "temperature", 0.9)
-    assert ran(run_dvc(project, "repro").stdout) == {"generate", "score", "pairs", "ref_logprobs"}
+    assert ran(run_dvc(project, "repro").stdout) == {"generate", "score", "pairs", "ref_logprobs", "train"}
 
 
-def test_changed_log_prob_temperature_reruns_ref_logprobs_only(project):
+def test_changed_log_prob_temperature_reruns_ref_logprobs_and_train(project):
     set_param(project, "train", "temperature", 1.0)
-    assert ran(run_dvc(project, "repro").stdout) == {"ref_logprobs"}
+    assert ran(run_dvc(project, "repro").stdout) == {"ref_logprobs", "train"}
 
 
 def test_bad_params_fail_before_any_output(project):

@@ -1,0 +1,126 @@
+"""The train stage on a tiny model: it learns, resumes after SIGKILL to the same weights, and
+rejects bad input before training."""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from conftest import REPO, stage_env
+from rlhf_pipeline.errors import PipelineError
+from rlhf_pipeline.logprobs import pair_logprobs
+from rlhf_pipeline.pairs import PAIRS_SCHEMA
+from rlhf_pipeline.params import TrainParams
+from rlhf_pipeline.training import check_reference, episode_order, train_policy
+
+
+def synthetic_pairs(n=8):
+    """Pairs whose chosen responses are one token pattern and rejected another."""
+    rows = []
+    for i in range(n):
+        prompt = [1, 100 + i, 200 + i, 300]
+        rows.append({"prompt_id": f"p{i:02d}", "prompt_ids": prompt, "chosen_ids": [500, 501, 502, 2],
+                     "rejected_ids": [600 + i, 601, 2], "chosen": "c", "rejected": "r",
+                     "chosen_reward": 1.0, "rejected_reward": 0.0, "chosen_response_idx": 0,
+                     "rejected_response_idx": 1})
+    return pa.Table.from_pylist(rows, schema=PAIRS_SCHEMA)
+
+
+def reference(model, tok, pairs):
+    c, r = pair_logprobs(model, *(pairs.column(k).to_pylist() for k in ("prompt_ids", "chosen_ids", "rejected_ids")),
+                         tok.pad_token_id, 1.0, batch_size=8, progress=False)
+    return pa.table({"prompt_id": pairs.column("prompt_id"), "chosen_logprob": c, "rejected_logprob": r})
+
+
+@pytest.mark.parametrize("loss", ["rebel", "dpo", "ipo", "simpo"])
+def test_policy_learns_to_prefer_chosen(tiny_policy, tiny_model_dir, tmp_path, loss):
+    from rlhf_pipeline.models import load_policy
+
+    model, tok = tiny_policy
+    pairs = synthetic_pairs()
+    ref = reference(model, tok, pairs)
+    cfg = TrainParams(loss=loss, eta=1.0, temperature=1.0, learning_rate=1e-3, epochs=6, per_device_train_batch_size=2,
+                      gradient_accumulation_steps=2, warmup_ratio=0.0, save_every=100, dtype="float32")
+    rows, summary = train_policy(tiny_model_dir, pairs, ref, cfg, 0, tmp_path / "policy", tmp_path / "ckpt", "f",
+                                 progress=False)
+    assert summary["updates"] == 12 and len(rows) == 12 and summary["batch_size"] == 4
+    trained = load_policy(tmp_path / "policy", torch.float32, torch.device("cpu"))
+    after = reference(trained, tok, pairs)
+    margin_before = [c - r for c, r in zip(ref.column("chosen_logprob").to_pylist(), ref.column("rejected_logprob").to_pylist())]
+    margin_after = [c - r for c, r in zip(after.column("chosen_logprob").to_pylist(), after.column("rejected_logprob").to_pylist())]
+    assert all(a > b + 0.5 for a, b in zip(margin_after, margin_before)), (margin_before, margin_after)
+    assert rows[0]["kl_chosen"] == pytest.approx(0.0, abs=1e-3)  # the policy starts as π0
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_reference_must_match_pairs():
+    pairs = synthetic_pairs(3)
+    ref = pa.table({"prompt_id": ["p00", "p02", "p01"], "chosen_logprob": [0.0] * 3, "rejected_logprob": [0.0] * 3})
+    with pytest.raises(PipelineError, match=r"first difference at row 1\); rerun the ref_logprobs stage"):
+        check_reference(pairs, ref, "x")
+    with pytest.raises(PipelineError, match="the pairs file has no rows"):
+        check_reference(pairs.slice(0, 0), ref.slice(0, 0), "x")
+
+
+def test_too_few_episodes_for_a_batch(tiny_model_dir, tmp_path):
+    pairs = synthetic_pairs(3)
+    ref = pa.table({"prompt_id": pairs.column("prompt_id"), "chosen_logprob": [0.0] * 3, "rejected_logprob": [0.0] * 3})
+    cfg = TrainParams(per_device_train_batch_size=4, dtype="float32")
+    with pytest.raises(PipelineError, match="train.total_episodes: 3 episodes is less than one batch of 4"):
+        train_policy(tiny_model_dir, pairs, ref, cfg, 0, tmp_path / "p", tmp_path / "c", "f", progress=False)
+
+
+def test_episode_order_is_seeded_epochs_of_permutations():
+    order = episode_order(5, 12, seed=3)
+    assert sorted(order[:5]) == list(range(5)) and sorted(order[5:10]) == list(range(5)) and len(order) == 12
+    assert order == episode_order(5, 12, seed=3) != episode_order(5, 12, seed=4)
+
+
+def stage_dir(root, tiny_model_dir, tiny_policy, updates):
+    """A project folder with models/base, pairs, reference log-probs and params for the train stage."""
+    model, tok = tiny_policy
+    shutil.copytree(tiny_model_dir, root / "models/base")
+    (root / "data").mkdir(parents=True)
+    pairs = synthetic_pairs()
+    pq.write_table(pairs, root / "data/pairs.parquet")
+    pq.write_table(reference(model, tok, pairs).cast(pa.schema([("prompt_id", pa.string()),
+                   ("chosen_logprob", pa.float64()), ("rejected_logprob", pa.float64())])),
+                   root / "data/ref_logprobs.parquet")
+    (root / "params.yaml").write_text(yaml.safe_dump({"seed": 1, "train": {
+        "learning_rate": 1e-4, "per_device_train_batch_size": 2, "total_episodes": 2 * updates,
+        "save_every": 1, "dtype": "float32"}}))
+    (root / "stages").symlink_to(REPO / "stages")
+    return root
+
+
+def test_killed_training_resumes_to_the_same_weights(tmp_path, tiny_model_dir, tiny_policy):
+    updates = 40
+    whole = stage_dir(tmp_path / "whole", tiny_model_dir, tiny_policy, updates)
+    cmd = [sys.executable, "-m", "stages.train"]
+    subprocess.run(cmd, cwd=whole, env=stage_env(), check=True, capture_output=True)
+
+    cut = stage_dir(tmp_path / "cut", tiny_model_dir, tiny_policy, updates)
+    proc = subprocess.Popen(cmd, cwd=cut, env=stage_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = cut / "models/.checkpoints/train/latest/fingerprint"
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert marker.exists() and not (cut / "models/policy").exists()
+    subprocess.run(cmd, cwd=cut, env=stage_env(), check=True, capture_output=True)
+
+    metrics = json.loads((cut / "metrics/train.json").read_text())
+    assert 0 < metrics["resumed_from_update"] < updates
+    assert (cut / "models/policy/model.safetensors").read_bytes() == (whole / "models/policy/model.safetensors").read_bytes()
+    log = (cut / "metrics/train_log.tsv").read_text().splitlines()
+    assert len(log) == updates + 1 and log[0].startswith("update\tepisodes\tloss")
+    assert not (cut / "models/.checkpoints/train").exists()
