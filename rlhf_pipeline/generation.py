@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from rlhf_pipeline.chat import prompt_token_ids
 from rlhf_pipeline.errors import PipelineError
-from rlhf_pipeline.params import GenerateParams
+from rlhf_pipeline.params import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,8 @@ class SeededSampler:
     alone took 0.19 s per step on 2 CPU cores).
 
     It returns scores that are 0 at the drawn token and -inf elsewhere, so ``generate`` run in
-    greedy mode emits exactly the drawn token.
+    greedy mode emits exactly the drawn token. ``temperature`` 0 is greedy decoding (the most
+    probable token, ties to the lowest id; no random draw).
     """
 
     def __init__(self, seeds: list[int], temperature: float, top_p: float, device: torch.device,
@@ -100,6 +101,9 @@ class SeededSampler:
         return top.masked_fill(before >= self.top_p, 0.0), ids
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.temperature == 0:
+            drawn = scores.argmax(-1, keepdim=True)
+            return torch.full_like(scores, float("-inf")).scatter_(1, drawn, 0.0)
         top, ids = self.nucleus(scores)
         cdf = top.cumsum(-1)
         u = torch.cat([torch.rand(1, generator=g, device=cdf.device) for g in self.generators])
@@ -128,7 +132,7 @@ def _split_response(new_tokens: list[int], stop_ids: set[int]) -> tuple[list[int
 
 
 @torch.no_grad()
-def _sample_batch(model, prompts: list[list[int]], seeds: list[list[int]], cfg: GenerateParams,
+def _sample_batch(model, prompts: list[list[int]], seeds: list[list[int]], cfg: SamplingParams,
                   pad_id: int, stop_ids: list[int]) -> list[tuple[list[int], bool]]:
     """Sample ``len(seeds[i])`` responses for each prompt of a batch.
 
@@ -174,7 +178,7 @@ def stop_token_ids(tokenizer, model_config=None) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def generate_transformers(model, tokenizer, prompts: list[tuple[str, str]], cfg: GenerateParams,
+def generate_transformers(model, tokenizer, prompts: list[tuple[str, str]], cfg: SamplingParams,
                           seed: int, progress: bool = True) -> list[Response]:
     """Sample ``cfg.num_responses`` responses per (prompt_id, prompt) with transformers.
 
@@ -209,7 +213,7 @@ def generate_transformers(model, tokenizer, prompts: list[tuple[str, str]], cfg:
 
 
 def generate_vllm(model_dir: str | os.PathLike, tokenizer, prompts: list[tuple[str, str]],
-                  cfg: GenerateParams, seed: int, dtype: str) -> list[Response]:
+                  cfg: SamplingParams, seed: int, dtype: str) -> list[Response]:
     """Sample with vLLM (GPU): one request per response, each with its own seed.
 
     ``SamplingParams(n=N, seed=s)`` would give the N responses one seed between them; separate
@@ -221,7 +225,8 @@ def generate_vllm(model_dir: str | os.PathLike, tokenizer, prompts: list[tuple[s
         PipelineError: vLLM is not installed in the running environment.
     """
     try:
-        from vllm import LLM, SamplingParams
+        from vllm import LLM
+        from vllm import SamplingParams as VllmSamplingParams
     except ImportError:
         raise PipelineError("generate.backend: 'vllm' is not installed here; see envs/README.md") from None
     llm = LLM(model=str(model_dir), tokenizer=str(model_dir), tensor_parallel_size=cfg.tensor_parallel_size,
@@ -234,7 +239,7 @@ def generate_vllm(model_dir: str | os.PathLike, tokenizer, prompts: list[tuple[s
         for k in range(cfg.num_responses):
             s = response_seed(seed, pid, k)
             requests.append({"prompt_token_ids": ids})
-            params.append(SamplingParams(n=1, temperature=cfg.temperature, top_p=cfg.top_p,
+            params.append(VllmSamplingParams(n=1, temperature=cfg.temperature, top_p=cfg.top_p,
                                          max_tokens=cfg.max_new_tokens, seed=s, stop_token_ids=stop_ids))
             keys.append((pid, k, s))
     outputs = llm.generate(requests, sampling_params=params, use_tqdm=True)
@@ -260,7 +265,7 @@ def generation_metrics(responses: list[Response], seconds: float) -> dict:
     }
 
 
-def run_generation(model_dir: str | Path, prompts: list[tuple[str, str]], cfg: GenerateParams,
+def run_generation(model_dir: str | Path, prompts: list[tuple[str, str]], cfg: SamplingParams,
                    seed: int, progress: bool = True) -> tuple[pa.Table, dict]:
     """Load the policy from ``model_dir`` and sample responses with ``cfg.backend``.
 

@@ -80,27 +80,41 @@ def check_context_length(lengths: list[int], max_positions: int | None, where: s
 
 
 @torch.no_grad()
+def response_logprobs(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+                      temperature: float, batch_size: int, autocast_dtype: torch.dtype | None = None,
+                      progress: bool = True, desc: str = "log-probs") -> list[float]:
+    """No-grad summed log-probs of each (prompt, response) row, micro-batched by length.
+
+    ``autocast_dtype``: run the forward pass under ``torch.autocast`` in that dtype (bf16 where the
+    device computes it natively); None runs in the model's own dtype.
+
+    Returns:
+        one float per row, in the order of the rows, nats.
+    """
+    from tqdm.auto import tqdm
+
+    out = [0.0] * len(prompts)
+    device_type = next(model.parameters()).device.type
+    batches = length_grouped_batches([len(p) + len(r) for p, r in zip(prompts, responses)], batch_size)
+    for idx in tqdm(batches, desc=desc, disable=not progress):
+        with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            values = sequence_logprobs(model, [prompts[i] for i in idx], [responses[i] for i in idx],
+                                       pad_id, temperature)
+        for i, v in zip(idx, values.tolist()):
+            out[i] = v
+    return out
+
+
 def pair_logprobs(model, prompts: list[list[int]], chosen: list[list[int]], rejected: list[list[int]],
                   pad_id: int, temperature: float, batch_size: int, autocast_dtype: torch.dtype | None = None,
                   progress: bool = True) -> tuple[list[float], list[float]]:
-    """No-grad summed log-probs of each pair's chosen and rejected response.
-
-    The 2N sequences are batched together by length. ``autocast_dtype``: run the forward pass
-    under ``torch.autocast`` in that dtype (bf16 where the device computes it natively).
+    """No-grad summed log-probs of each pair's chosen and rejected response; the 2N sequences are
+    batched together by length (:func:`response_logprobs`).
 
     Returns:
         (chosen log-probs, rejected log-probs), N floats each, nats.
     """
-    from tqdm.auto import tqdm
-
-    rows = [(p, r) for p, c, rj in zip(prompts, chosen, rejected) for r in (c, rj)]
-    out = [0.0] * len(rows)
-    batches = length_grouped_batches([len(p) + len(r) for p, r in rows], batch_size)
-    for idx in tqdm(batches, desc="log-probs", disable=not progress):
-        with torch.autocast(next(model.parameters()).device.type, dtype=autocast_dtype or torch.float32,
-                            enabled=autocast_dtype is not None):
-            values = sequence_logprobs(model, [rows[i][0] for i in idx], [rows[i][1] for i in idx],
-                                       pad_id, temperature)
-        for i, v in zip(idx, values.tolist()):
-            out[i] = v
+    out = response_logprobs(model, [p for p in prompts for _ in (0, 1)],
+                            [r for c, rj in zip(chosen, rejected) for r in (c, rj)],
+                            pad_id, temperature, batch_size, autocast_dtype, progress)
     return out[0::2], out[1::2]

@@ -132,3 +132,12 @@ def write_json(obj: dict[str, Any], path: str | os.PathLike) -> None:
     """Write a metrics dict as sorted, indented JSON, atomically."""
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(_finite(obj), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def write_tsv(rows: list[dict[str, Any]], columns: tuple[str, ...] | list[str], path: str | os.PathLike) -> None:
+    """Write rows as a tab-separated table with a header (the format ``dvc plots`` reads),
+    floats to 6 significant digits, atomically."""
+    lines = ["\t".join(columns)]
+    lines += ["\t".join(f"{r[c]:.6g}" if isinstance(r[c], float) else str(r[c]) for c in columns) for r in rows]
+    with atomic_file(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -78,18 +78,25 @@ class DataParams(_Section):
         return self
 
 
-class GenerateParams(_Section):
-    """Sampling of responses per prompt (REBEL recipe, part 1)."""
+class SamplingParams(_Section):
+    """How responses are sampled from a policy: shared by ``generate`` and ``evaluate``."""
 
     backend: Literal["transformers", "vllm"] = "transformers"
-    num_responses: int = Field(4, ge=2, description="responses per prompt (a pair needs two)")
+    num_responses: int = Field(1, ge=1, description="responses per prompt")
     max_new_tokens: int = Field(256, gt=0, description="tokens")
-    temperature: float = Field(0.8, gt=0)
+    temperature: float = Field(0.8, ge=0, description="0 = greedy decoding")
     top_p: float = Field(0.9, gt=0, le=1)
     batch_size: int = Field(64, gt=0, description="sequences (prompt x response) per forward pass")
     dtype: Dtype = "auto"
     tensor_parallel_size: int = Field(1, ge=1, description="vllm only")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm only")
+
+
+class GenerateParams(SamplingParams):
+    """Sampling of responses per prompt (REBEL recipe, part 1)."""
+
+    num_responses: int = Field(4, ge=2, description="responses per prompt (a pair needs two)")
+    temperature: float = Field(0.8, gt=0, description="a pair needs two different responses: no greedy")
 
 
 class IFEvalOptions(_Section):
@@ -185,6 +192,32 @@ class TrainParams(_Section):
     save_every: int = Field(10, ge=1, description="updates between resumable checkpoints")
     dtype: Dtype = "auto"
     logprob_batch_size: int = Field(8, gt=0, description="sequences per no-grad log-prob forward pass")
+    mlflow_live: bool = Field(False, description="stream each update's metrics to MLflow while training")
+
+
+class EvaluateParams(_Section):
+    """Held-out comparison of the base and the trained policy (REBEL recipe, part 5).
+
+    Sampling settings left null are those of ``generate``.
+    """
+
+    num_responses: int = Field(1, ge=1, description="responses per test prompt and policy")
+    max_new_tokens: int | None = Field(None, gt=0, description="tokens; null: generate.max_new_tokens")
+    temperature: float | None = Field(None, ge=0, description="0 = greedy; null: generate.temperature")
+    top_p: float | None = Field(None, gt=0, le=1, description="null: generate.top_p")
+    batch_size: int | None = Field(None, gt=0, description="null: generate.batch_size")
+    bootstrap_samples: int = Field(10_000, ge=100, description="resamples of the test prompts")
+    confidence: float = Field(0.95, gt=0, lt=1, description="level of the bootstrap intervals")
+    logprob_batch_size: int = Field(8, gt=0, description="sequences per no-grad forward pass (KL estimate)")
+
+    def sampling(self, generate: GenerateParams) -> SamplingParams:
+        """The generation settings of the evaluation: ``generate``'s, overridden where set here."""
+        base = generate.model_dump(exclude={"num_responses"})
+        base["num_responses"] = self.num_responses
+        for key in ("max_new_tokens", "temperature", "top_p", "batch_size"):
+            if getattr(self, key) is not None:
+                base[key] = getattr(self, key)
+        return SamplingParams.model_validate(base)
 
 
 class Params(_Section):
@@ -197,6 +230,7 @@ class Params(_Section):
     reward: RewardParams = RewardParams()
     pairs: PairsParams = PairsParams()
     train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
 
 
 def _format_errors(source: str, exc: ValidationError) -> str:
