@@ -21,6 +21,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -64,8 +65,13 @@ def episode_order(num_pairs: int, total_episodes: int, seed: int) -> list[int]:
 
 
 def inputs_fingerprint(files: list[Path], cfg: TrainParams, seed: int) -> str:
-    """SHA-256 of the training inputs and settings; a checkpoint is resumed only if it matches."""
-    h = hashlib.sha256(json.dumps({"train": cfg.model_dump(), "seed": seed}, sort_keys=True).encode())
+    """SHA-256 of the training inputs and settings; a checkpoint is resumed only if it matches.
+
+    The settings are the ``train.*`` keys the stage declares in dvc.yaml (not ``logprob_batch_size``,
+    read by ``ref_logprobs`` only, nor ``mlflow_live``, which changes no weight).
+    """
+    settings = cfg.model_dump(exclude={"mlflow_live", "logprob_batch_size"})
+    h = hashlib.sha256(json.dumps({"train": settings, "seed": seed}, sort_keys=True).encode())
     for f in files:
         with open(f, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 24), b""):
@@ -100,11 +106,12 @@ def _pair_loss(cfg: TrainParams, pc, pr, rc, rr, reward_c, reward_r, len_c, len_
 
 def train_policy(model_dir: str | os.PathLike, pairs: pa.Table, ref: pa.Table, cfg: TrainParams, seed: int,
                  out_dir: str | os.PathLike, checkpoint_dir: str | os.PathLike, fingerprint: str,
-                 progress: bool = True) -> tuple[list[dict], dict]:
+                 progress: bool = True, on_update: Callable[[dict], None] | None = None) -> tuple[list[dict], dict]:
     """Train the policy from ``model_dir`` on ``pairs`` and save it to ``out_dir``.
 
     Resumes from ``checkpoint_dir`` when it holds a checkpoint with the same ``fingerprint``
     (same inputs and settings), and ends with the weights an uninterrupted run would have.
+    ``on_update`` receives each update's log row on the main process (live MLflow metrics).
 
     Returns:
         (one dict per update with ``TRAIN_LOG_COLUMNS``, summary for ``metrics/train.json``).
@@ -218,6 +225,8 @@ def train_policy(model_dir: str | os.PathLike, pairs: pa.Table, ref: pa.Table, c
                                             tokens * world / seconds, seconds]))
         state.rows.append(row)
         state.update = u + 1
+        if on_update is not None and accelerator.is_main_process:
+            on_update(row)
         if progress and accelerator.is_main_process:
             log.info("update %d/%d loss %.4f kl %.3f/%.3f grad %.3f", u + 1, num_updates, row["loss"],
                      row["kl_chosen"], row["kl_rejected"], row["grad_norm"])

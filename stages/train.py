@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from rlhf_pipeline.cli import peak_rss_mb, run_stage
-from rlhf_pipeline.outputs import atomic_file, read_parquet, write_json
+from rlhf_pipeline.outputs import read_parquet, write_json, write_tsv
 from rlhf_pipeline.params import load_params
 from rlhf_pipeline.training import TRAIN_LOG_COLUMNS, inputs_fingerprint, train_policy
 
@@ -31,12 +31,21 @@ def main() -> None:
     ref = read_parquet(REF, {"prompt_id": pa.string(), "chosen_logprob": pa.float64(), "rejected_logprob": pa.float64()})
     fingerprint = inputs_fingerprint([Path(PAIRS), Path(REF), Path(MODEL) / "model.safetensors"],
                                      params.train, params.seed)
-    rows, summary = train_policy(MODEL, pairs, ref, params.train, params.seed, OUT, CHECKPOINTS, fingerprint)
-    with atomic_file(LOG) as tmp:
-        lines = ["\t".join(TRAIN_LOG_COLUMNS)]
-        lines += ["\t".join(f"{r[c]:.6g}" if isinstance(r[c], float) else str(r[c]) for c in TRAIN_LOG_COLUMNS)
-                  for r in rows]
-        tmp.write_text("\n".join(lines) + "\n")
+    live = None
+    if params.train.mlflow_live:  # before training: an unreachable server fails here, not after an hour
+        from rlhf_pipeline.tracking import LiveRun
+
+        live = LiveRun({"seed": params.seed, "train": params.train.model_dump(exclude={"logprob_batch_size"})})
+    try:
+        rows, summary = train_policy(MODEL, pairs, ref, params.train, params.seed, OUT, CHECKPOINTS, fingerprint,
+                                     on_update=live.log_update if live else None)
+    except BaseException:
+        if live:
+            live.finish(ok=False)
+        raise
+    if live:
+        live.finish()
+    write_tsv(rows, TRAIN_LOG_COLUMNS, LOG)
     write_json({**summary, "peak_rss_mb": peak_rss_mb()}, METRICS)
 
 

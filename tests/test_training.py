@@ -49,9 +49,11 @@ def test_policy_learns_to_prefer_chosen(tiny_policy, tiny_model_dir, tmp_path, l
     ref = reference(model, tok, pairs)
     cfg = TrainParams(loss=loss, eta=1.0, temperature=1.0, learning_rate=1e-3, epochs=6, per_device_train_batch_size=2,
                       gradient_accumulation_steps=2, warmup_ratio=0.0, save_every=100, dtype="float32")
+    streamed = []
     rows, summary = train_policy(tiny_model_dir, pairs, ref, cfg, 0, tmp_path / "policy", tmp_path / "ckpt", "f",
-                                 progress=False)
+                                 progress=False, on_update=streamed.append)
     assert summary["updates"] == 12 and len(rows) == 12 and summary["batch_size"] == 4
+    assert streamed == rows  # what train.mlflow_live streams is the TSV log, update by update
     trained = load_policy(tmp_path / "policy", torch.float32, torch.device("cpu"))
     after = reference(trained, tok, pairs)
     margin_before = [c - r for c, r in zip(ref.column("chosen_logprob").to_pylist(), ref.column("rejected_logprob").to_pylist())]

@@ -1,0 +1,238 @@
+"""MLflow tracking: one run per completed pipeline execution, and live training metrics.
+
+Tracking URI: ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///mlflow.db`` in the project root (a
+queued ``dvc exp run`` works in a temporary copy under ``.dvc/tmp/exps/``; its runs still go to
+the project's own ``mlflow.db``). Experiment: ``MLFLOW_EXPERIMENT_NAME`` if set, else
+``rlhf-pipeline``. MLflow is imported only inside these functions: it is slow to import and
+only the ``report`` stage (and ``train`` with ``train.mlflow_live``) need it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rlhf_pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STORE = "mlflow.db"
+DEFAULT_EXPERIMENT = "rlhf-pipeline"
+# MLflow's batch limits (per log_batch call).
+_MAX_PARAMS, _MAX_METRICS, _MAX_TAGS = 100, 1000, 100
+
+
+def project_root(cwd: str | os.PathLike | None = None) -> Path:
+    """The project folder: ``cwd``, or for a queued experiment's temporary copy
+    (``<project>/.dvc/tmp/exps/...``) the project that owns the queue."""
+    path = Path(cwd or os.getcwd()).resolve()
+    parts = path.parts
+    for i in range(len(parts) - 2):
+        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return path
+
+
+def tracking_uri(cwd: str | os.PathLike | None = None) -> tuple[str, bool]:
+    """(tracking URI, whether the user set it explicitly through ``MLFLOW_TRACKING_URI``)."""
+    explicit = os.environ.get("MLFLOW_TRACKING_URI")
+    if explicit:
+        return explicit, True
+    return f"sqlite:///{project_root(cwd) / DEFAULT_STORE}", False
+
+
+def check_reachable(uri: str, timeout: float = 10.0) -> None:
+    """Fail fast on an HTTP tracking server that does not answer (MLflow's own client retries
+    for minutes before it gives up).
+
+    Raises:
+        PipelineError: naming the URI and what to do.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
+            resp.read()
+    except (urllib.error.URLError, OSError) as exc:
+        raise PipelineError(f"MLFLOW_TRACKING_URI={uri}: the tracking server does not answer ({exc}). "
+                            "The stage outputs are written; start the server (or unset MLFLOW_TRACKING_URI "
+                            "for the local mlflow.db) and rerun `dvc repro`, which reruns only this stage") from None
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings to dotted keys (``{"train": {"eta": 1}}`` -> ``{"train.eta": 1}``); lists
+    become JSON strings."""
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for key, value in obj.items():
+            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    if isinstance(obj, (list, tuple)):
+        return {prefix: json.dumps(obj, sort_keys=True)}
+    return {prefix: obj}
+
+
+def git_info(root: Path) -> dict[str, str]:
+    """Tags for the code version: commit and whether the work tree had changes."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+
+    return {"git_commit": git("rev-parse", "HEAD") or "unknown",
+            "git_dirty": str(bool(git("status", "--porcelain", "--untracked-files=no"))).lower()}
+
+
+def dvc_output_md5s(lock_path: str | os.PathLike) -> dict[str, str]:
+    """``{output path: md5}`` of every stage output recorded in ``dvc.lock``.
+
+    Raises:
+        PipelineError: the lock file is missing or not valid YAML.
+    """
+    try:
+        lock = yaml.safe_load(Path(lock_path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise PipelineError(f"{lock_path}: cannot read the DVC lock file ({exc})") from None
+    out = {}
+    for stage in (lock.get("stages") or {}).values():
+        for o in stage.get("outs") or []:
+            if "md5" in o:
+                out[o["path"]] = o["md5"]
+    return dict(sorted(out.items()))
+
+
+def run_tags(root: Path) -> dict[str, str]:
+    """Tags every run of this project carries: git commit, DVC experiment name if any."""
+    tags = git_info(root)
+    exp = os.environ.get("DVC_EXP_NAME")
+    if exp:
+        tags["dvc_exp_name"] = exp
+    return tags
+
+
+def _client_and_experiment(uri: str, root: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return client, exp.experiment_id
+    # The local store keeps its artifacts next to mlflow.db, not in whatever folder a stage runs in.
+    location = None if uri.startswith(("http://", "https://")) else (root / "mlartifacts").as_uri()
+    return client, client.create_experiment(name, artifact_location=location)
+
+
+def _log_in_batches(client, run_id: str, params: dict[str, Any], metrics: list, tags: dict[str, str]) -> None:
+    from mlflow.entities import Param, RunTag
+
+    plist = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    tlist = [RunTag(k, str(v)[:8000]) for k, v in tags.items()]
+    for i in range(0, len(plist), _MAX_PARAMS):
+        client.log_batch(run_id, params=plist[i:i + _MAX_PARAMS])
+    for i in range(0, len(tlist), _MAX_TAGS):
+        client.log_batch(run_id, tags=tlist[i:i + _MAX_TAGS])
+    for i in range(0, len(metrics), _MAX_METRICS):
+        client.log_batch(run_id, metrics=metrics[i:i + _MAX_METRICS])
+
+
+def log_pipeline_run(params: dict[str, Any], stage_metrics: dict[str, dict], curve: list[dict[str, Any]],
+                     artifacts: list[Path], plots: dict[str, Any], root: Path, lock_path: Path) -> str:
+    """Record one completed pipeline execution as one MLflow run.
+
+    Args:
+        params: the raw ``params.yaml`` mapping; logged flattened (``train.eta``).
+        stage_metrics: ``{stage: metrics dict}``; numbers become metrics ``<stage>.<dotted key>``,
+            strings become tags of the same name.
+        curve: per-update training rows; logged as step metrics ``train_log.<column>``.
+        artifacts: files logged at the run's artifact root.
+        plots: ``{file name: matplotlib figure}``, logged under ``plots/``.
+        lock_path: ``dvc.lock``; the md5 of each output becomes a tag ``dvc.md5.<path>``.
+
+    Returns:
+        the run id.
+
+    Raises:
+        PipelineError: an explicitly set tracking server does not answer (checked before logging).
+    """
+    from mlflow.entities import Metric, RunStatus
+
+    uri, explicit = tracking_uri(root)
+    if explicit:
+        check_reachable(uri)
+    client, experiment_id = _client_and_experiment(uri, root)
+    tags = run_tags(root)
+    tags.update({f"dvc.md5.{path}": md5 for path, md5 in dvc_output_md5s(lock_path).items()})
+    name = tags.get("dvc_exp_name") or f"repro-{tags['git_commit'][:8]}"
+    run = client.create_run(experiment_id, run_name=name)
+    run_id = run.info.run_id
+    try:
+        now = int(run.info.start_time)
+        metrics, string_tags = [], {}
+        for stage, values in stage_metrics.items():
+            for key, value in flatten(values, stage).items():
+                if isinstance(value, (bool, int, float)):
+                    metrics.append(Metric(key, float(value), now, 0))
+                elif value is not None:
+                    string_tags[key] = value
+        for row in curve:
+            step = int(row["update"])
+            metrics += [Metric(f"train_log.{k}", float(v), now, step) for k, v in row.items() if k != "update"]
+        _log_in_batches(client, run_id, flatten(params), metrics, {**tags, **string_tags})
+        for path in artifacts:
+            client.log_artifact(run_id, str(path))
+        for file_name, figure in plots.items():
+            client.log_figure(run_id, figure, f"plots/{file_name}")
+    except Exception:
+        client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+        raise
+    client.set_terminated(run_id)
+    log.info("MLflow run %s (%s) in %s", run_id, name, uri)
+    return run_id
+
+
+class LiveRun:
+    """An MLflow run that receives the training metrics while training runs (``train.mlflow_live``).
+
+    It is its own run (``rlhf.stage=train-live``), separate from the pipeline's run that
+    ``report`` logs once every stage has finished: a run for a pipeline that has not finished
+    would claim results it does not have.
+
+    Raises:
+        PipelineError: an explicitly set tracking server does not answer (at creation, before
+            training starts).
+    """
+
+    def __init__(self, params: dict[str, Any], root: Path | None = None):
+        root = root or project_root()
+        uri, explicit = tracking_uri(root)
+        if explicit:
+            check_reachable(uri)
+        self.client, experiment_id = _client_and_experiment(uri, root)
+        tags = {**run_tags(root), "rlhf.stage": "train-live"}
+        name = f"{tags.get('dvc_exp_name') or 'repro-' + tags['git_commit'][:8]}-train-live"
+        self.run_id = self.client.create_run(experiment_id, run_name=name).info.run_id
+        _log_in_batches(self.client, self.run_id, flatten(params), [], tags)
+
+    def log_update(self, row: dict[str, Any]) -> None:
+        """Log one update's row of ``metrics/train_log.tsv`` at step ``row["update"]``."""
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        step = int(row["update"])
+        self.client.log_batch(self.run_id, metrics=[Metric(f"train_log.{k}", float(v), now, step)
+                                                    for k, v in row.items() if k != "update"])
+
+    def finish(self, ok: bool = True) -> None:
+        self.client.set_terminated(self.run_id, "FINISHED" if ok else "FAILED")

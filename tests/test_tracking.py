@@ -1,0 +1,64 @@
+"""MLflow tracking helpers: where runs go, what they are tagged with, live training metrics."""
+
+import pytest
+import yaml
+
+from rlhf_pipeline.errors import PipelineError
+from rlhf_pipeline.tracking import (LiveRun, check_reachable, dvc_output_md5s, flatten, project_root,
+                                    tracking_uri)
+
+
+def test_default_store_is_the_projects_even_for_queued_experiments(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert project_root(tmp_path) == tmp_path.resolve()
+    queued = tmp_path / ".dvc" / "tmp" / "exps" / "tmpab12"
+    queued.mkdir(parents=True)
+    assert project_root(queued) == tmp_path.resolve()
+    assert tracking_uri(queued) == (f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}", False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://example:5000")
+    assert tracking_uri(queued) == ("http://example:5000", True)
+
+
+def test_flatten_gives_dotted_keys_and_json_lists():
+    out = flatten({"seed": 1, "train": {"eta": 2.0, "x": {"y": None}}, "reward": {"scorers": [{"name": "ifeval"}]}})
+    assert out == {"seed": 1, "train.eta": 2.0, "train.x.y": None, "reward.scorers": '[{"name": "ifeval"}]'}
+
+
+def test_dvc_output_md5s(tmp_path):
+    lock = tmp_path / "dvc.lock"
+    lock.write_text(yaml.safe_dump({"schema": "2.0", "stages": {
+        "a": {"cmd": "x", "outs": [{"path": "data/a.parquet", "md5": "1" * 32, "size": 3}]},
+        "b": {"cmd": "y", "deps": [{"path": "data/a.parquet", "md5": "1" * 32}],
+              "outs": [{"path": "models/m", "md5": "2" * 32 + ".dir"}]}}}))
+    assert dvc_output_md5s(lock) == {"data/a.parquet": "1" * 32, "models/m": "2" * 32 + ".dir"}
+    with pytest.raises(PipelineError, match="cannot read the DVC lock file"):
+        dvc_output_md5s(tmp_path / "missing.lock")
+
+
+def test_unreachable_server_fails_fast():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(PipelineError, match=f"MLFLOW_TRACKING_URI=http://127.0.0.1:{port}: the tracking server"):
+        check_reachable(f"http://127.0.0.1:{port}", timeout=2)
+    check_reachable("sqlite:///anything.db")  # local stores are not servers
+
+
+def test_live_run_streams_update_rows(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'live.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-1")
+    live = LiveRun({"seed": 3, "train": {"eta": 1.0}}, root=tmp_path)
+    for u in (1, 2, 3):
+        live.log_update({"update": u, "loss": 1.0 / u, "kl_chosen": 0.1 * u})
+    live.finish()
+    run = MlflowClient(uri).get_run(live.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params == {"seed": "3", "train.eta": "1.0"}
+    assert run.data.tags["dvc_exp_name"] == "exp-1" and run.data.tags["rlhf.stage"] == "train-live"
+    history = MlflowClient(uri).get_metric_history(live.run_id, "train_log.loss")
+    assert [(h.step, h.value) for h in history] == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]
