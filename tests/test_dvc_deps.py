@@ -1,0 +1,232 @@
+"""`dvc.yaml` lists exactly what each stage reads: its code (every project module it can import,
+lazily imported ones included), its input files, and the params sections it reads.
+
+Code: derived statically from the stage module's imports (anywhere in a module, so an import
+inside a function counts), followed transitively through ``rlhf_pipeline`` and ``stages``, package
+``__init__`` files included. Files: the stage module's path constants. Params: recorded at run
+time by running each stage's own ``main`` on the tiny pipeline with a params object that logs
+every field read (see ``test_params_read_match_dvc_yaml`` in tests/test_pipeline_dvc.py).
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+
+DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
+STAGES = DVC["stages"]
+PACKAGES = ("rlhf_pipeline", "stages")
+
+
+def module_file(name: str) -> Path | None:
+    """The project file of a dotted module name, or None for a third-party module."""
+    if name.split(".")[0] not in PACKAGES:
+        return None
+    path = REPO / Path(*name.split("."))
+    if (path / "__init__.py").is_file():
+        return path / "__init__.py"
+    if path.with_suffix(".py").is_file():
+        return path.with_suffix(".py")
+    raise AssertionError(f"import of {name}: no such project module")
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Dotted names a module imports anywhere in its body (``from a import b`` yields ``a`` and,
+    when it is a module, ``a.b``)."""
+    tree = ast.parse(path.read_text(), str(path))
+    package = ".".join(path.relative_to(REPO).with_suffix("").parts[:-1])
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parent, base] if base else parent)
+            out.add(base)
+            out.update(f"{base}.{a.name}" for a in node.names)
+    return out
+
+
+def code_deps(stage_module: str) -> set[str]:
+    """Project files executed when the stage module runs, relative to the repository."""
+    seen: set[Path] = set()
+    todo = [stage_module]
+    while todo:
+        name = todo.pop()
+        try:
+            path = module_file(name)
+        except AssertionError:
+            if name.rsplit(".", 1)[0] and module_file(name.rsplit(".", 1)[0]):
+                continue  # `from package.module import function`: the function is not a module
+            raise
+        if path is None or path in seen:
+            continue
+        seen.add(path)
+        parts = name.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # parent packages' __init__
+        todo += sorted(imported_modules(path))
+    return {str(p.relative_to(REPO)) for p in seen}
+
+
+def stage_module(stage: str) -> str:
+    cmd = STAGES[stage]["cmd"]
+    match = re.fullmatch(r"python -m (stages\.\w+)", cmd)
+    assert match, f"{stage}: the command should be `python -m stages.<stage>`, got {cmd!r}"
+    return match.group(1)
+
+
+def declared(stage: str, key: str) -> set[str]:
+    out = set()
+    for entry in STAGES[stage].get(key, []):
+        out.add(next(iter(entry)) if isinstance(entry, dict) else entry)
+    return out
+
+
+def path_constants(stage: str) -> set[str]:
+    """Module-level string (or ``Path("...")``) constants of the stage file that name project
+    data: ``data/``, ``models/``, ``metrics/`` (hidden folders such as checkpoints excluded)."""
+    tree = ast.parse((REPO / "stages" / f"{stage}.py").read_text())
+    out = set()
+    for node in tree.body:
+        if isinstance(node, ast.Assign):
+            value = node.value
+            if isinstance(value, ast.Call) and getattr(value.func, "id", "") == "Path" and value.args:
+                value = value.args[0]
+            if isinstance(value, ast.Constant) and isinstance(value.value, str):
+                if re.match(r"(data|models|metrics)/(?!\.)", value.value):
+                    out.add(value.value)
+    return out
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_code_deps_are_exactly_the_modules_the_stage_imports(stage):
+    listed = {d for d in declared(stage, "deps") if d.endswith(".py")}
+    needed = code_deps(stage_module(stage))
+    assert listed == needed, f"{stage}: missing {sorted(needed - listed)}, extra {sorted(listed - needed)}"
+
+
+def report_inputs() -> set[str]:
+    from rlhf_pipeline.report import STAGES as REPORTED, metrics_file
+
+    return {str(metrics_file(Path("metrics"), s)) for s in REPORTED}
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_file_deps_and_outputs_are_the_stage_paths(stage):
+    deps = {d for d in declared(stage, "deps") if not d.endswith(".py")}
+    outs = declared(stage, "outs") | declared(stage, "metrics") | declared(stage, "plots")
+    paths = path_constants(stage)
+    if stage == "prepare_prompts":
+        from rlhf_pipeline.params import PROMPT_SOURCES_DIR
+
+        paths.add(PROMPT_SOURCES_DIR)  # a file source must live there (checked by the params schema)
+    if stage == "report":
+        paths |= report_inputs()
+    assert deps | outs == paths, (f"{stage}: declared but not in the stage file: {sorted((deps | outs) - paths)}; "
+                                  f"in the stage file but not declared: {sorted(paths - (deps | outs))}")
+    # What a stage writes is no input of its own, and every other stage's output it reads is listed.
+    assert not deps & outs
+
+
+def test_every_dep_that_another_stage_writes_is_a_declared_output():
+    outputs = set().union(*(declared(s, "outs") | declared(s, "metrics") | declared(s, "plots") for s in STAGES))
+    for stage in STAGES:
+        for dep in declared(stage, "deps"):
+            if dep.startswith(("data/", "models/", "metrics/")) and dep != "data/sources":
+                assert dep in outputs, f"{stage} reads {dep}, which no stage writes"
+
+
+# ---- params: recorded at run time -------------------------------------------------------------
+
+#: Keys a stage reads only on a path the tiny CPU pipeline does not take (another data source, the
+#: vLLM backend); listed here so that declaring the whole section is not reported as "more".
+OTHER_PATHS = {
+    "prepare_prompts": {"data.path", "data.dataset", "data.config_name", "data.data_files", "data.split",
+                        "data.prompt_field"},
+    "generate": {"generate.tensor_parallel_size", "generate.gpu_memory_utilization"},
+}
+
+
+class ParamsRecorder:
+    """Wraps a validated params model and records the dotted path of every field read through it.
+
+    Sections come back wrapped too; methods run with the wrapper as ``self``, so the fields they
+    read are recorded; ``model_dump`` records every field it dumps.
+    """
+
+    def __init__(self, model, path: str = "", log: set[str] | None = None):
+        object.__setattr__(self, "_model", model)
+        object.__setattr__(self, "_path", path)
+        object.__setattr__(self, "_log", set() if log is None else log)
+
+    def _key(self, name: str) -> str:
+        return f"{self._path}.{name}" if self._path else name
+
+    def __getattr__(self, name: str):
+        from pydantic import BaseModel
+
+        model = self._model
+        if name in type(model).model_fields:
+            value = getattr(model, name)
+            if isinstance(value, BaseModel):
+                return ParamsRecorder(value, self._key(name), self._log)
+            self._log.add(self._key(name))
+            return value
+        if name == "model_dump":
+            def dump(**kwargs):
+                exclude = set(kwargs.get("exclude") or ())
+                for field in type(model).model_fields:
+                    if field not in exclude:
+                        self._log.add(self._key(field))
+                return model.model_dump(**kwargs)
+            return dump
+        attr = getattr(type(model), name, None)
+        if callable(attr):
+            return attr.__get__(self)
+        return getattr(model, name)
+
+    def leaves(self) -> set[str]:
+        return set(self._log)
+
+
+def declared_params(stage: str) -> list[str]:
+    out = []
+    for entry in STAGES[stage].get("params", []):
+        out.extend([entry] if isinstance(entry, str) else [f"file:{k}" for k in entry])
+    return out
+
+
+def all_leaf_keys(section_path: str) -> set[str]:
+    """Every leaf key under a section of the params schema (``generate`` -> ``generate.top_p`` ...)."""
+    from rlhf_pipeline.params import Params
+
+    model = Params()
+    for part in section_path.split("."):
+        model = getattr(model, part)
+    if not hasattr(type(model), "model_fields"):
+        return {section_path}
+    return {f"{section_path}.{f}" for f in type(model).model_fields}
+
+
+def check_params_read(stage: str, read: set[str]) -> None:
+    """The keys ``read`` (at run time) against the stage's ``params:`` in dvc.yaml: every key read is
+    declared, and every declared key is read (or read on a path listed in :data:`OTHER_PATHS`).
+
+    Raises:
+        AssertionError: naming the undeclared and the unread keys.
+    """
+    declared_keys = set()
+    for entry in declared_params(stage):
+        declared_keys |= all_leaf_keys(entry)
+    read_or_other = read | OTHER_PATHS.get(stage, set())
+    undeclared = sorted(k for k in read if k not in declared_keys)
+    unread = sorted(declared_keys - read_or_other)
+    assert not undeclared and not unread, f"{stage}: reads undeclared {undeclared}; declares unread {unread}"
