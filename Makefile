@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # Stage commands run `python`; put the project's environment first on PATH.
 RUN    := PATH="$(BIN):$$PATH" HF_HUB_DISABLE_TELEMETRY=1
 
-.PHONY: venv repro test bench clean-venv
+.PHONY: venv repro test check-repro bench clean-venv
 
 venv: $(STAMP)
 
@@ -23,6 +23,10 @@ repro: venv
 
 test: venv
 	$(RUN) HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python -m pytest -q
+
+# Rerun every stage in a scratch clone and compare each data/model output's md5 with dvc.lock.
+check-repro: venv
+	$(RUN) python -m rlhf_pipeline.repro_check
 
 bench: venv
 	$(RUN) python bench/generate.py

@@ -65,27 +65,11 @@ def tiny_policy(tiny_model_dir):
     return load_policy(tiny_model_dir, torch.float32, torch.device("cpu")), load_tokenizer(tiny_model_dir)
 
 
-def project_files() -> list[str]:
-    """Tracked and untracked-but-not-ignored files of the working tree (what a commit would hold)."""
-    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO,
-                         capture_output=True, check=True).stdout.decode()
-    return [f for f in out.split("\0") if f and (REPO / f).is_file()]
-
-
 def make_project_clone(dest: Path) -> Path:
-    """A temporary git repository holding the project's working tree, DVC outputs excluded."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for rel in project_files():
-        target = dest / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / rel, target)
-    for leftover in ("dvc.lock",):  # the clone's own runs write their own lock
-        (dest / leftover).unlink(missing_ok=True)
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
-    subprocess.run(git + ["init", "-q", "-b", "main"], cwd=dest, check=True)
-    subprocess.run(git + ["add", "-A"], cwd=dest, check=True)
-    subprocess.run(git + ["commit", "-qm", "clone"], cwd=dest, check=True)
-    return dest
+    """A temporary git repository holding the project's working tree, DVC outputs and lock excluded."""
+    from rlhf_pipeline.repro_check import scratch_copy
+
+    return scratch_copy(REPO, dest)
 
 
 def stage_env() -> dict[str, str]:
@@ -104,6 +88,80 @@ def run_dvc(project: Path, *args: str, check: bool = True) -> subprocess.Complet
     if check and proc.returncode != 0:
         raise AssertionError(f"dvc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def tiny_params(model_dir, reward_model_dir) -> dict:
+    """The repository's params.yaml with tiny overrides (DVC needs every declared key present)."""
+    import yaml
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section, values in tiny_overrides(model_dir, reward_model_dir).items():
+        if isinstance(values, dict):
+            params[section].update(values)
+        else:
+            params[section] = values
+    return params
+
+
+def tiny_overrides(model_dir, reward_model_dir) -> dict:
+    return {
+        "seed": 7,
+        "policy": {"model": str(model_dir)},
+        "data": {"source": "ifeval", "num_prompts": 16, "test_size": 4},
+        "generate": {"num_responses": 4, "max_new_tokens": 16, "batch_size": 16, "dtype": "float32"},
+        # A random tiny policy follows no IFEval instruction, so every IFEval reward ties; the tiny
+        # reward model's continuous score gives each prompt a spread, hence pairs.
+        "reward": {"scorers": [{"name": "ifeval", "weight": 1.0},
+                               {"name": "sequence-classification", "weight": 1.0,
+                                "options": {"model": str(reward_model_dir), "dtype": "float32"}}]},
+        "pairs": {"max_prompt_tokens": 1024, "max_response_tokens": 2048, "min_reward_gap": 0.0},
+        "train": {"temperature": 0.8, "dtype": "float32", "logprob_batch_size": 4, "learning_rate": 1e-4,
+                  "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "save_every": 2},
+        "evaluate": {"num_responses": 2, "max_new_tokens": 12, "bootstrap_samples": 500, "logprob_batch_size": 4},
+    }
+
+
+def lock_md5s(proj: Path) -> dict[str, str]:
+    """md5 of every data and model output in dvc.lock (metrics hold timings, so they differ)."""
+    import yaml
+
+    lock = yaml.safe_load((proj / "dvc.lock").read_text())
+    return {o["path"]: o["md5"] for st in lock["stages"].values() for o in st.get("outs", [])
+            if not o["path"].startswith("metrics/")}
+
+
+def ran(out: str) -> set[str]:
+    """Stages that `dvc repro` output says it ran."""
+    return {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage '")}
+
+
+def set_param(project: Path, section: str, key: str, value) -> None:
+    import yaml
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params[section][key] = value
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+@pytest.fixture(scope="session")
+def tiny_project(tmp_path_factory, raw_tiny_model_dir, tiny_reward_model_dir) -> Path:
+    """The whole DAG run once by `dvc repro` on the tiny config in a temporary git clone.
+
+    Shared by several test modules: do not change it; tests that change params or code work on
+    :func:`copy_project` copies. Its report stage logged to the default store, <project>/mlflow.db.
+    """
+    import yaml
+
+    proj = make_project_clone(tmp_path_factory.mktemp("tiny_project") / "proj")
+    (proj / "params.yaml").write_text(yaml.safe_dump(tiny_params(raw_tiny_model_dir, tiny_reward_model_dir)))
+    run_dvc(proj, "repro")
+    return proj
+
+
+def copy_project(src: Path, dest: Path) -> Path:
+    """A copy of a project with its git history, DVC cache, outputs, lock and mlflow.db."""
+    shutil.copytree(src, dest, symlinks=True)
+    return dest
 
 
 def build_reward_model(out: Path, tokenizer_dir: Path, nan: bool = False) -> Path:

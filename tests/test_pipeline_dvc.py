@@ -13,54 +13,16 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import REPO, make_project_clone, run_dvc, stage_env
+from conftest import copy_project, lock_md5s, ran, run_dvc, set_param, stage_env
 from rlhf_pipeline.generation import GENERATIONS_SCHEMA
 
 pytestmark = pytest.mark.slow
 
 
-def tiny_params(model_dir, reward_model_dir) -> dict:
-    """The repository's params.yaml with tiny overrides (DVC needs every declared key present)."""
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    for section, values in tiny_overrides(model_dir, reward_model_dir).items():
-        if isinstance(values, dict):
-            params[section].update(values)
-        else:
-            params[section] = values
-    return params
-
-
-def tiny_overrides(model_dir, reward_model_dir) -> dict:
-    return {
-        "seed": 7,
-        "policy": {"model": str(model_dir)},
-        "data": {"source": "ifeval", "num_prompts": 16, "test_size": 4},
-        "generate": {"num_responses": 4, "max_new_tokens": 16, "batch_size": 16, "dtype": "float32"},
-        # A random tiny policy follows no IFEval instruction, so every IFEval reward ties; the tiny
-        # reward model's continuous score gives each prompt a spread, hence pairs.
-        "reward": {"scorers": [{"name": "ifeval", "weight": 1.0},
-                               {"name": "sequence-classification", "weight": 1.0,
-                                "options": {"model": str(reward_model_dir), "dtype": "float32"}}]},
-        "pairs": {"max_prompt_tokens": 1024, "max_response_tokens": 2048, "min_reward_gap": 0.0},
-        "train": {"temperature": 0.8, "dtype": "float32", "logprob_batch_size": 4, "learning_rate": 1e-4,
-                  "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "save_every": 2},
-        "evaluate": {"num_responses": 2, "max_new_tokens": 12, "bootstrap_samples": 500, "logprob_batch_size": 4},
-    }
-
-
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, raw_tiny_model_dir, tiny_reward_model_dir):
-    proj = make_project_clone(tmp_path_factory.mktemp("clone") / "proj")
-    (proj / "params.yaml").write_text(yaml.safe_dump(tiny_params(raw_tiny_model_dir, tiny_reward_model_dir)))
-    run_dvc(proj, "repro")  # report logs to the default store, <proj>/mlflow.db
-    return proj
-
-
-def lock_md5s(proj) -> dict[str, str]:
-    """md5 of every data and model output in dvc.lock (metrics hold timings, so they differ)."""
-    lock = yaml.safe_load((proj / "dvc.lock").read_text())
-    return {o["path"]: o["md5"] for st in lock["stages"].values() for o in st.get("outs", [])
-            if not o["path"].startswith("metrics/")}
+def project(tiny_project, tmp_path_factory):
+    """A copy of the tiny project that this module's tests may change, in file order."""
+    return copy_project(tiny_project, tmp_path_factory.mktemp("pipeline") / "proj")
 
 
 def test_outputs_and_schema(project):
@@ -250,16 +212,6 @@ def test_second_repro_runs_nothing_and_forced_rerun_is_byte_identical(project):
     assert "Running stage" not in out
     run_dvc(project, "repro", "--force")
     assert lock_md5s(project) == before
-
-
-def ran(out: str) -> set[str]:
-    return {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage '")}
-
-
-def set_param(project, section, key, value):
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params[section][key] = value
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
 
 
 def test_changed_min_reward_gap_reruns_pairs_only(project):

@@ -1,0 +1,124 @@
+"""``make check-repro``: rerun the whole pipeline from scratch and compare every output's hash.
+
+The project's ``dvc.lock`` records the md5 of every data and model output of the last
+``dvc repro``. This reruns every stage (``dvc repro --force``) in a scratch copy of the project
+(its git files and that lock) and compares, stage by stage in pipeline order, the md5 of each
+output under ``data/`` and ``models/``. Metrics files hold timings and are not compared.
+
+Usage: ``python -m rlhf_pipeline.repro_check [--keep]`` from the project root. Exit status 0 when
+every output is byte-identical, 1 otherwise (the first differing stage and file are printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from rlhf_pipeline.errors import PipelineError
+
+COMPARED = ("data/", "models/")
+
+
+def project_files(root: Path) -> list[str]:
+    """Tracked and untracked-but-not-ignored files of the work tree (what a commit would hold)."""
+    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=root, capture_output=True,
+                         check=True).stdout.decode()
+    return [f for f in out.split("\0") if f and (root / f).is_file()]
+
+
+def scratch_copy(root: Path, dest: Path, keep_lock: bool = False) -> Path:
+    """A new git repository at ``dest`` holding the project's work tree (no DVC outputs, no
+    cache), committed; with ``keep_lock`` the project's ``dvc.lock`` too, else none."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for rel in project_files(root):
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / rel, target)
+    lock = dest / "dvc.lock"
+    if keep_lock and (root / "dvc.lock").is_file():
+        shutil.copy2(root / "dvc.lock", lock)
+    elif not keep_lock:
+        lock.unlink(missing_ok=True)
+    git = ["git", "-c", "user.name=check-repro", "-c", "user.email=check-repro@localhost", "-c", "commit.gpgsign=false"]
+    subprocess.run(git + ["init", "-q", "-b", "main"], cwd=dest, check=True)
+    subprocess.run(git + ["add", "-A"], cwd=dest, check=True)
+    subprocess.run(git + ["commit", "-qm", "scratch copy"], cwd=dest, check=True)
+    return dest
+
+
+def output_md5s(lock_path: Path) -> list[tuple[str, str, str]]:
+    """(stage, output path, md5) of every compared output in ``dvc.lock``, in pipeline order.
+
+    Raises:
+        PipelineError: the lock file is missing.
+    """
+    if not lock_path.is_file():
+        raise PipelineError(f"{lock_path}: no dvc.lock; run `make repro` first")
+    lock = yaml.safe_load(lock_path.read_text(encoding="utf-8")) or {}
+    return [(stage, o["path"], o.get("md5", "")) for stage, entry in (lock.get("stages") or {}).items()
+            for o in entry.get("outs") or [] if o["path"].startswith(COMPARED)]
+
+
+def compare(reference: list[tuple[str, str, str]], rerun: list[tuple[str, str, str]]) -> list[tuple[str, str, str, str]]:
+    """(stage, path, reference md5, rerun md5) for every output whose md5 differs or is missing
+    on one side, in the reference's order."""
+    new = {(s, p): m for s, p, m in rerun}
+    out = [(s, p, m, new.get((s, p), "missing")) for s, p, m in reference if new.get((s, p)) != m]
+    seen = {(s, p) for s, p, _ in reference}
+    out += [(s, p, "missing", m) for s, p, m in rerun if (s, p) not in seen]
+    return out
+
+
+def check(root: Path, keep: bool = False) -> int:
+    """Rerun the pipeline in a scratch copy of ``root`` and compare; returns the exit status."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", "--quiet"], cwd=root, env=env)
+    if status.returncode != 0:
+        raise PipelineError("the workspace has stale stages (`dvc status`): run `dvc repro` first, so that "
+                            "dvc.lock describes the current code and params")
+    reference = output_md5s(root / "dvc.lock")
+    scratch = scratch_copy(root, Path(tempfile.mkdtemp(prefix="check-repro-")) / root.name)
+    # The rerun's MLflow run goes to the scratch copy's own store, not to the user's server.
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{scratch / 'mlflow.db'}"
+    print(f"check-repro: dvc repro --force in {scratch}", flush=True)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "dvc", "repro", "--force"], cwd=scratch, env=env)
+        if proc.returncode != 0:
+            raise PipelineError(f"dvc repro --force failed in the scratch copy {scratch}")
+        rerun = output_md5s(scratch / "dvc.lock")
+    finally:
+        if not keep:
+            shutil.rmtree(scratch.parent, ignore_errors=True)
+    differences = compare(reference, rerun)
+    for stage, path, md5 in reference:
+        print(f"  {stage:16s} {path:32s} {'DIFFERS' if any(d[1] == path for d in differences) else 'same'}")
+    if differences:
+        stage, path, ref, new = differences[0]
+        print(f"check-repro: FAILED: first difference in stage '{stage}', file {path} "
+              f"(dvc.lock {ref}, rerun {new}); {len(differences)} output(s) differ")
+        return 1
+    print(f"check-repro: OK: all {len(reference)} data and model outputs are byte-identical")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--keep", action="store_true", help="keep the scratch copy")
+    args = parser.parse_args(argv)
+    try:
+        return check(Path.cwd(), keep=args.keep)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

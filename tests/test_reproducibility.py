@@ -1,0 +1,162 @@
+"""The reproducibility guarantees of README's "Reproducibility" section, each a test on the tiny
+config (stale-only reruns of params changes are in tests/test_pipeline_dvc.py; exact dvc.yaml
+dependencies in tests/test_dvc_deps.py).
+
+Faults (a SIGKILL half-way through writing an output, a non-deterministic writer) are injected
+into one stage's process by tests/fault_injection/sitecustomize.py, put on PYTHONPATH.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, copy_project, lock_md5s, ran, run_dvc, set_param, stage_env
+
+pytestmark = pytest.mark.slow
+
+FAULTS = REPO / "tests" / "fault_injection"
+STAGES = list(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
+
+
+def fault_env(fault: str, stage: str, path_part: str = "") -> dict[str, str]:
+    env = stage_env()
+    env.update(PYTHONPATH=str(FAULTS), RLHF_FAULT=fault, RLHF_FAULT_STAGE=f"stages.{stage}",
+               RLHF_FAULT_PATH=path_part)
+    return env
+
+
+def dvc(project: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, env=env or stage_env(),
+                          capture_output=True, text=True)
+
+
+def stale_stages(project: Path) -> set[str]:
+    return set(json.loads(run_dvc(project, "status", "--json").stdout))
+
+
+@pytest.mark.parametrize("module", ["rlhf_pipeline/losses.py", "rlhf_pipeline/chat.py"])
+def test_edited_library_module_reruns_exactly_its_stages(tiny_project, tmp_path, module):
+    """Stages whose deps list the module rerun; their outputs come out identical, so no stage
+    downstream reruns, except report (its inputs include every stage's metrics, which hold timings)."""
+    proj = copy_project(tiny_project, tmp_path / "proj")
+    before = lock_md5s(proj)
+    with open(proj / module, "a") as f:
+        f.write("\n# an edit that changes no behaviour\n")
+    dependents = {s for s, d in yaml.safe_load((proj / "dvc.yaml").read_text())["stages"].items()
+                  if module in d.get("deps", [])}
+    assert dependents  # the module is some stage's code
+    assert ran(run_dvc(proj, "repro").stdout) == dependents | {"report"}
+    assert lock_md5s(proj) == before
+
+
+def test_check_repro_passes_on_a_deterministic_pipeline_and_names_the_first_difference(tiny_project, tmp_path):
+    """`make check-repro` reruns everything in a scratch clone: identical hashes for every data and
+    model output (two clones, same machine); with a writer made non-deterministic in `pairs`,
+    it fails and names `pairs` and its file."""
+    proj = copy_project(tiny_project, tmp_path / "proj")
+    cmd = [sys.executable, "-m", "rlhf_pipeline.repro_check"]
+    ok = subprocess.run(cmd, cwd=proj, env=stage_env(), capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert f"all {len(lock_md5s(proj))} data and model outputs are byte-identical" in ok.stdout
+    bad = subprocess.run(cmd, cwd=proj, env=fault_env("nondeterministic-parquet", "pairs"), capture_output=True,
+                         text=True)
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert "first difference in stage 'pairs', file data/pairs.parquet" in bad.stdout
+    assert "1 output(s) differ" in bad.stdout  # pairs' content is the same, so everything after it is too
+
+
+def test_check_repro_refuses_a_stale_workspace(tiny_project, tmp_path):
+    proj = copy_project(tiny_project, tmp_path / "proj")
+    set_param(proj, "train", "eta", 3.0)
+    proc = subprocess.run([sys.executable, "-m", "rlhf_pipeline.repro_check"], cwd=proj, env=stage_env(),
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "stale stages" in proc.stderr
+
+
+def test_queued_experiments_land_in_dvc_exp_show_and_mlflow(tiny_project, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    proj = copy_project(tiny_project, tmp_path / "proj")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run(git + ["add", "-A"], cwd=proj, check=True)
+    subprocess.run(git + ["commit", "-qm", "baseline run"], cwd=proj, check=True)
+    run_dvc(proj, "exp", "run", "--queue", "-n", "eta-half", "-S", "train.eta=0.5")
+    run_dvc(proj, "exp", "run", "--queue", "-n", "eta-two-lr", "-S", "train.eta=2.0", "-S", "train.learning_rate=5e-5")
+    run_dvc(proj, "queue", "start", "-j", "1")
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        status = run_dvc(proj, "queue", "status").stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(3)
+    else:
+        raise AssertionError(f"queued experiments did not finish: {status}")
+    run_dvc(proj, "queue", "stop", check=False)
+    assert "Failed" not in status, run_dvc(proj, "queue", "logs", "eta-half", check=False).stdout
+    shown = json.loads(run_dvc(proj, "exp", "show", "--json").stdout)
+    found = {}
+    for entry in shown:
+        for exp in entry.get("experiments") or []:
+            rev = exp["revs"][0]
+            found[exp.get("name") or rev.get("name")] = rev["data"]
+    assert {"eta-half", "eta-two-lr"} <= set(found), json.dumps(shown)[:2000]
+    for name, eta in (("eta-half", 0.5), ("eta-two-lr", 2.0)):
+        data = found[name]
+        assert data["params"]["params.yaml"]["data"]["train"]["eta"] == eta
+        metrics = data["metrics"]
+        assert {"metrics/train.json", "metrics/eval.json", "metrics/pairs.json", "metrics/generate.json"} <= set(metrics)
+        assert 0 <= metrics["metrics/eval.json"]["data"]["win_rate"]["value"] <= 1
+    # Each experiment is its own MLflow run in the project's store, tagged with its name.
+    client = MlflowClient(tracking_uri=f"sqlite:///{proj / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("rlhf-pipeline").experiment_id])
+    by_exp = {r.data.tags.get("dvc_exp_name"): r for r in runs}
+    assert {"eta-half", "eta-two-lr"} <= set(by_exp)
+    assert by_exp["eta-half"].data.params["train.eta"] == "0.5"
+    assert by_exp["eta-two-lr"].data.params["train.learning_rate"] == "5e-05"
+
+
+def test_outputs_round_trip_through_a_local_remote(tiny_project, tmp_path):
+    proj = copy_project(tiny_project, tmp_path / "proj")
+    remote = tmp_path / "remote"
+    run_dvc(proj, "remote", "add", "--local", "-d", "store", str(remote))
+    run_dvc(proj, "push")
+    assert any(remote.rglob("*"))
+    outputs = list(lock_md5s(proj))
+    shutil.rmtree(proj / ".dvc" / "cache")
+    for out in outputs:
+        path = proj / out
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    assert stale_stages(proj)  # outputs gone: DVC says so
+    run_dvc(proj, "pull")
+    assert all((proj / out).exists() for out in outputs)
+    assert stale_stages(proj) == set()
+    assert ran(run_dvc(proj, "repro").stdout) == set()
+
+
+@pytest.mark.parametrize("stage,change,fault,output,path_part", [
+    ("generate", ("generate", "temperature", 0.7), "kill-writing-parquet", "data/generations.parquet",
+     "generations.parquet"),
+    ("train", ("train", "eta", 0.25), "kill-writing-safetensors", "models/policy", ".policy.tmp-"),
+])
+def test_sigkill_while_writing_leaves_no_partial_output(tiny_project, tmp_path, stage, change, fault, output,
+                                                        path_part):
+    proj = copy_project(tiny_project, tmp_path / "proj")
+    set_param(proj, *change)
+    killed = dvc(proj, "repro", env=fault_env(fault, stage, path_part))
+    assert killed.returncode != 0
+    assert f"Running stage '{stage}'" in killed.stdout
+    target = proj / output
+    # The half-written file was a temporary beside the output, never the output itself.
+    assert list(target.parent.glob(f".{target.name}.tmp-*")), "the fault did not fire mid-write"
+    assert not target.exists()
+    assert stage in stale_stages(proj)
+    done = run_dvc(proj, "repro")
+    assert stage in ran(done.stdout)
+    assert target.exists() and not list(target.parent.glob(f".{target.name}.tmp-*"))
+    assert stale_stages(proj) == set()
