@@ -87,7 +87,8 @@ def test_queued_experiments_land_in_dvc_exp_show_and_mlflow(tiny_project, tmp_pa
     subprocess.run(git + ["add", "-A"], cwd=proj, check=True)
     subprocess.run(git + ["commit", "-qm", "baseline run"], cwd=proj, check=True)
     run_dvc(proj, "exp", "run", "--queue", "-n", "eta-half", "-S", "train.eta=0.5")
-    run_dvc(proj, "exp", "run", "--queue", "-n", "eta-two-lr", "-S", "train.eta=2.0", "-S", "train.learning_rate=5e-5")
+    run_dvc(proj, "exp", "run", "--queue", "-n", "eta-two-lr", "-S", "train.eta=2.0", "-S", "train.learning_rate=5e-5",
+            "-S", "train.mlflow_live=true")
     run_dvc(proj, "queue", "start", "-j", "1")
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
@@ -115,8 +116,15 @@ def test_queued_experiments_land_in_dvc_exp_show_and_mlflow(tiny_project, tmp_pa
     # Each experiment is its own MLflow run in the project's store, tagged with its name.
     client = MlflowClient(tracking_uri=f"sqlite:///{proj / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("rlhf-pipeline").experiment_id])
-    by_exp = {r.data.tags.get("dvc_exp_name"): r for r in runs}
+    live = [r for r in runs if r.data.tags.get("rlhf.stage") == "train-live"]
+    live_ids = {r.info.run_id for r in live}
+    by_exp = {r.data.tags.get("dvc_exp_name"): r for r in runs if r.info.run_id not in live_ids}
     assert {"eta-half", "eta-two-lr"} <= set(by_exp)
+    # train.mlflow_live streamed the second experiment's updates to a run of their own.
+    assert [r.data.tags["dvc_exp_name"] for r in live] == ["eta-two-lr"]
+    updates = int(by_exp["eta-two-lr"].data.metrics["train.updates"])
+    steps = [m.step for m in client.get_metric_history(live[0].info.run_id, "train_log.loss")]
+    assert sorted(steps) == list(range(1, updates + 1))
     assert by_exp["eta-half"].data.params["train.eta"] == "0.5"
     assert by_exp["eta-two-lr"].data.params["train.learning_rate"] == "5e-05"
 
