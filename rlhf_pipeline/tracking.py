@@ -119,9 +119,14 @@ def run_tags(root: Path) -> dict[str, str]:
     return tags
 
 
-def _client_and_experiment(uri: str, root: Path):
+def _client_and_experiment(root: Path):
+    """(client, experiment id) for the tracking URI of ``root``; an explicitly set server is
+    checked first (:func:`check_reachable`)."""
     from mlflow.tracking import MlflowClient
 
+    uri, explicit = tracking_uri(root)
+    if explicit:
+        check_reachable(uri)
     client = MlflowClient(tracking_uri=uri)
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
     exp = client.get_experiment_by_name(name)
@@ -166,10 +171,7 @@ def log_pipeline_run(params: dict[str, Any], stage_metrics: dict[str, dict], cur
     """
     from mlflow.entities import Metric, RunStatus
 
-    uri, explicit = tracking_uri(root)
-    if explicit:
-        check_reachable(uri)
-    client, experiment_id = _client_and_experiment(uri, root)
+    client, experiment_id = _client_and_experiment(root)
     tags = run_tags(root)
     tags.update({f"dvc.md5.{path}": md5 for path, md5 in dvc_output_md5s(lock_path).items()})
     name = tags.get("dvc_exp_name") or f"repro-{tags['git_commit'][:8]}"
@@ -196,7 +198,7 @@ def log_pipeline_run(params: dict[str, Any], stage_metrics: dict[str, dict], cur
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
         raise
     client.set_terminated(run_id)
-    log.info("MLflow run %s (%s) in %s", run_id, name, uri)
+    log.info("MLflow run %s (%s) in %s", run_id, name, client.tracking_uri)
     return run_id
 
 
@@ -214,10 +216,7 @@ class LiveRun:
 
     def __init__(self, params: dict[str, Any], root: Path | None = None):
         root = root or project_root()
-        uri, explicit = tracking_uri(root)
-        if explicit:
-            check_reachable(uri)
-        self.client, experiment_id = _client_and_experiment(uri, root)
+        self.client, experiment_id = _client_and_experiment(root)
         tags = {**run_tags(root), "rlhf.stage": "train-live"}
         name = f"{tags.get('dvc_exp_name') or 'repro-' + tags['git_commit'][:8]}-train-live"
         self.run_id = self.client.create_run(experiment_id, run_name=name).info.run_id
