@@ -116,9 +116,11 @@ def evaluate_policies(base_dir: str | Path, policy_dir: str | Path, test_prompts
     """Generate from both policies on the test prompts, score, and compare.
 
     The KL estimate is the mean over the trained policy's own responses of
-    log πθ(y|x) − log π0(y|x) (nats per response; an unbiased Monte-Carlo estimate of
-    KL(πθ ‖ π0) for the sampling distribution, logits divided by the sampling temperature as in
-    the REBEL reference; with greedy decoding it is only the log-ratio of the greedy responses).
+    log πθ(y|x) − log π0(y|x) in nats per response, log-probs over the full vocabulary with the
+    logits divided by the sampling temperature, as the REBEL reference computes them. It estimates
+    KL(πθ ‖ π0) of those temperature-scaled policies; the samples themselves also pass the top-p
+    filter, so it is not exactly the KL between the two nucleus samplers. With greedy decoding
+    (temperature 0) it is only the log-ratio of the greedy responses at temperature 1.
 
     Returns:
         (``data/eval.parquet`` table: one row per (prompt_id, response_idx), sorted, with the
