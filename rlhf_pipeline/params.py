@@ -147,6 +147,9 @@ class RewardParams(_Section):
     """How responses are scored (REBEL recipe, part 2)."""
 
     scorers: list[Scorer] = Field(default_factory=lambda: [IFEvalScorer(name="ifeval")], min_length=1)
+    missing_eos_penalty: float | None = Field(
+        None, gt=0, description="subtracted from the training reward of a response cut at max_new_tokens "
+                                "(TRL's missing_eos_penalty; REBEL's non-EOS penalty); evaluate never applies it")
 
     @model_validator(mode="after")
     def _unique_names(self) -> "RewardParams":

@@ -217,12 +217,33 @@ def test_second_repro_runs_nothing_and_forced_rerun_is_byte_identical(project):
 def test_changed_min_reward_gap_reruns_pairs_only(project):
     before = lock_md5s(project)
     set_param(project, "pairs", "min_reward_gap", 1e-4)
-    # ref_logprobs runs only if the pairs file changed (DVC compares the new pairs' hash).
     # ref_logprobs and train run only if the pairs file changed (DVC compares the new pairs' hash).
     assert ran(run_dvc(project, "repro").stdout) - {"ref_logprobs", "train", "evaluate", "report"} == {"pairs"}
     after = lock_md5s(project)
     assert {k for k in before if before[k] != after[k]} <= {"data/pairs.parquet", "data/ref_logprobs.parquet",
                                                             "models/policy", "data/eval.parquet"}
+
+
+def test_missing_eos_penalty_reruns_score_and_shapes_only_the_training_reward(project):
+    unshaped = pq.read_table(project / "data/scores.parquet").column("reward").to_pylist()
+    set_param(project, "reward", "missing_eos_penalty", 0.25)
+    assert {"score", "pairs"} <= ran(run_dvc(project, "repro").stdout) <= {
+        "score", "pairs", "ref_logprobs", "train", "evaluate", "report"}
+    gens = pq.read_table(project / "data/generations.parquet").sort_by([("prompt_id", "ascending"),
+                                                                         ("response_idx", "ascending")])
+    scores = pq.read_table(project / "data/scores.parquet")
+    missing = [f == "length" for f in gens.column("finish_reason").to_pylist()]
+    assert scores.column("missing_eos").to_pylist() == missing and any(missing)
+    assert scores.column("reward").to_pylist() == pytest.approx(
+        [r - 0.25 * m for r, m in zip(unshaped, missing)])
+    metrics = json.loads((project / "metrics/score.json").read_text())
+    assert metrics["missing_eos_share"] == pytest.approx(sum(missing) / len(missing))
+    # evaluate scores with the scorers only, and does not depend on the penalty
+    assert not [c for c in pq.read_table(project / "data/eval.parquet").column_names if "missing_eos" in c]
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    evaluate_params = lock["stages"]["evaluate"]["params"]["params.yaml"]
+    assert "reward.scorers" in evaluate_params and "missing_eos_penalty" not in str(evaluate_params)
+    assert lock["stages"]["score"]["params"]["params.yaml"]["reward"]["missing_eos_penalty"] == 0.25
 
 
 def test_changed_eta_reruns_train_and_later_only(project):

@@ -7,7 +7,7 @@ from conftest import build_reward_model
 from rlhf_pipeline.data import load_ifeval, split_prompts
 from rlhf_pipeline.errors import PipelineError
 from rlhf_pipeline.params import RewardParams
-from rlhf_pipeline.rewards import reward_summary, score_responses
+from rlhf_pipeline.rewards import penalize_missing_eos, reward_summary, score_responses
 from rlhf_pipeline.rewards.ifeval import check_instructions, instruction_registry
 
 
@@ -68,6 +68,24 @@ def test_ifeval_reward_is_the_loose_fraction():
     assert summary["ifeval_prompt_accuracy_loose"] == pytest.approx(1 / 3)
     assert summary["ifeval_instruction_accuracy_loose"] == pytest.approx(3 / 6)
     assert summary["all_tied_prompt_share"] == 0.0
+
+
+def test_missing_eos_penalty_lowers_only_truncated_rewards():
+    prompts = custom_prompts([("a", "Answer without commas.", ["punctuation:no_comma"], [{}])])
+    rows = [("a", 0, "no commas here"), ("a", 1, "no commas but cut"), ("a", 2, "cut, with a comma")]
+    table, _ = score_responses(rows, prompts, RewardParams())
+    assert penalize_missing_eos(table, ["stop", "length", "length"], None) is table
+    shaped = penalize_missing_eos(table, ["stop", "length", "length"], 0.5)
+    assert shaped.column("reward").to_pylist() == [1.0, 0.5, -0.5]
+    assert shaped.column("reward_ifeval").to_pylist() == [1.0, 1.0, 0.0]  # the scorer's value is kept
+    assert shaped.column("missing_eos").to_pylist() == [False, True, True]
+    assert reward_summary(shaped)["missing_eos_share"] == pytest.approx(2 / 3)
+    with pytest.raises(PipelineError, match="finish reasons for 3 rows"):
+        penalize_missing_eos(table, ["stop"], 0.5)
+    with pytest.raises(PipelineError, match="unknown finish_reason"):
+        penalize_missing_eos(table, ["stop", "eos", "stop"], 0.5)
+    with pytest.raises(ValueError, match="missing_eos_penalty"):
+        RewardParams(missing_eos_penalty=-1.0)
 
 
 def test_ifeval_scorer_needs_ifeval_columns():

@@ -82,8 +82,37 @@ def score_responses(rows: list[tuple[str, int, str]], prompts: pa.Table, cfg: Re
     return pa.table({c: columns[c] for c in order}), facts
 
 
+def penalize_missing_eos(table: pa.Table, finish_reasons: list[str], penalty: float | None) -> pa.Table:
+    """Subtract ``penalty`` from the ``reward`` of every response that ended at ``max_new_tokens``.
+
+    A truncated response has no end-of-turn token, so the policy is never shown where to stop; the
+    penalty makes "finish within the budget" part of the training reward (TRL's
+    ``missing_eos_penalty``; the REBEL reference's non-EOS penalty on TL;DR). The scorers' raw
+    columns are kept; ``missing_eos`` marks the penalised rows. ``penalty`` None returns the table
+    unchanged.
+
+    Args:
+        finish_reasons: per row of ``table``, ``"stop"`` or ``"length"``.
+
+    Raises:
+        PipelineError: the lengths differ or a finish reason is neither.
+    """
+    if penalty is None:
+        return table
+    if len(finish_reasons) != table.num_rows:
+        raise PipelineError(f"missing_eos_penalty: {len(finish_reasons)} finish reasons for {table.num_rows} rows")
+    bad = sorted(set(finish_reasons) - {"stop", "length"})
+    if bad:
+        raise PipelineError(f"missing_eos_penalty: unknown finish_reason {bad[:3]}")
+    missing = [f == "length" for f in finish_reasons]
+    reward = [r - penalty if m else r for r, m in zip(table.column("reward").to_pylist(), missing)]
+    table = table.set_column(table.column_names.index("reward"), "reward", pa.array(reward, pa.float64()))
+    return table.append_column("missing_eos", pa.array(missing, pa.bool_()))
+
+
 def reward_summary(table: pa.Table) -> dict:
-    """Mean/std/min/max reward, and the share of prompts whose responses all tie."""
+    """Mean/std/min/max reward, the share of prompts whose responses all tie, the share of
+    penalised responses (when ``missing_eos`` is present) and IFEval's four accuracies."""
     rewards = table.column("reward").to_pylist()
     per_prompt: dict[str, set] = {}
     for pid, r in zip(table.column("prompt_id").to_pylist(), rewards):
@@ -97,6 +126,8 @@ def reward_summary(table: pa.Table) -> dict:
         "reward_max": max(rewards, default=float("nan")),
         "all_tied_prompt_share": sum(len(v) == 1 for v in per_prompt.values()) / max(1, len(per_prompt)),
     }
+    if "missing_eos" in table.column_names:
+        out["missing_eos_share"] = statistics.fmean(table.column("missing_eos").to_pylist()) if rewards else 0.0
     if "ifeval_all_loose" in table.column_names:  # IFEval's four accuracies over every response
         for mode in ("loose", "strict"):
             followed = [x for row in table.column(f"ifeval_followed_{mode}").to_pylist() for x in row]
