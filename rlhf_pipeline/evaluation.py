@@ -89,25 +89,24 @@ def sampled_token_ids(tokenizer, response: str, finish_reason: str) -> list[int]
     return ids + [tokenizer.eos_token_id] if finish_reason == "stop" else ids
 
 
-def policy_logprobs(model_dir: str | Path, prompts: dict[str, str], rows: list[tuple[str, str, str]],
-                    temperature: float, batch_size: int, dtype_name: str) -> list[float]:
-    """Summed log-probs (nats) under the policy in ``model_dir`` of (prompt_id, response,
-    finish_reason) rows, logits divided by ``temperature``."""
+def policy_kl(base_dir: str | Path, policy_dir: str | Path, prompts: dict[str, str],
+              rows: list[tuple[str, str, str]], temperature: float, batch_size: int,
+              dtype_name: str) -> dict[str, list[float]]:
+    """The trained policy's and the base policy's summed log-probs of (prompt_id, response,
+    finish_reason) rows and the full-vocabulary KL along each response, logits divided by
+    ``temperature`` (:func:`rlhf_pipeline.logprobs.response_kl`; nats)."""
     from rlhf_pipeline.chat import prompt_token_ids
-    from rlhf_pipeline.logprobs import response_logprobs
+    from rlhf_pipeline.logprobs import response_kl
     from rlhf_pipeline.models import default_device, load_policy, load_tokenizer, resolve_dtype
 
-    tok = load_tokenizer(model_dir)
+    tok = load_tokenizer(policy_dir)
     device = default_device()
     dtype = resolve_dtype(dtype_name, device)
-    model = load_policy(model_dir, torch.float32, device)
+    policy, base = (load_policy(d, torch.float32, device) for d in (policy_dir, base_dir))
     prompt_ids = {pid: prompt_token_ids(tok, text) for pid, text in prompts.items()}
-    out = response_logprobs(model, [prompt_ids[pid] for pid, _, _ in rows],
-                            [sampled_token_ids(tok, text, fin) for _, text, fin in rows], tok.pad_token_id,
-                            temperature, batch_size, None if dtype == torch.float32 else dtype,
-                            desc=f"log-probs {Path(model_dir).name}")
-    del model
-    return out
+    return response_kl(policy, base, [prompt_ids[pid] for pid, _, _ in rows],
+                       [sampled_token_ids(tok, text, fin) for _, text, fin in rows], tok.pad_token_id,
+                       temperature, batch_size, None if dtype == torch.float32 else dtype)
 
 
 def evaluate_policies(base_dir: str | Path, policy_dir: str | Path, test_prompts: pa.Table,
@@ -115,17 +114,20 @@ def evaluate_policies(base_dir: str | Path, policy_dir: str | Path, test_prompts
                       seed: int) -> tuple[pa.Table, dict]:
     """Generate from both policies on the test prompts, score, and compare.
 
-    The KL estimate is the mean over the trained policy's own responses of
-    log πθ(y|x) − log π0(y|x) in nats per response, log-probs over the full vocabulary with the
-    logits divided by the sampling temperature, as the REBEL reference computes them. It estimates
-    KL(πθ ‖ π0) of those temperature-scaled policies; the samples themselves also pass the top-p
-    filter, so it is not exactly the KL between the two nucleus samplers. With greedy decoding
-    (temperature 0) it is only the log-ratio of the greedy responses at temperature 1.
+    The KL estimate (``kl.mean``, nats per response) is the mean over the trained policy's own
+    responses of Σ_t KL(πθ(·|x, y<t) ‖ π0(·|x, y<t)), the full-vocabulary KL summed along the
+    response; ``kl.log_ratio_mean`` is the mean of log πθ(y|x) − log π0(y|x), the plain Monte-Carlo
+    estimate of the same quantity with more variance (:func:`rlhf_pipeline.logprobs.response_kl`).
+    Both use the logits divided by the sampling temperature, as the REBEL reference computes
+    log-probs: they estimate KL(πθ ‖ π0) of those temperature-scaled policies, while the samples
+    also pass the top-p filter, so neither is exactly the KL between the two nucleus samplers.
+    With greedy decoding (temperature 0) both are taken at temperature 1 along the greedy
+    responses: the KL the trained policy keeps from the base on its own outputs.
 
     Returns:
         (``data/eval.parquet`` table: one row per (prompt_id, response_idx), sorted, with the
         prompt, each policy's response, reward, scorer columns, tokens and finish reason, and
-        the trained response's log-ratio; the ``metrics/eval.json`` dict).
+        the trained response's log-probs, log-ratio and KL; the ``metrics/eval.json`` dict).
 
     Raises:
         PipelineError: no test prompts, or a scorer lacks the prompt columns it needs (both
@@ -159,12 +161,10 @@ def evaluate_policies(base_dir: str | Path, policy_dir: str | Path, test_prompts
     kl_rows = list(zip(*(trained.column(c).to_pylist() for c in ("prompt_id", "response", "finish_reason"))))
     temperature = sampling.temperature or 1.0
     t0 = time.perf_counter()
-    lp = {name: policy_logprobs(d, prompts, kl_rows, temperature, cfg.logprob_batch_size, sampling.dtype)
-          for name, d in zip(POLICIES, (base_dir, policy_dir))}
-    kl = [t - b for t, b in zip(lp["trained"], lp["base"])]
+    kl = policy_kl(base_dir, policy_dir, prompts, kl_rows, temperature, cfg.logprob_batch_size, sampling.dtype)
     kl_seconds = time.perf_counter() - t0
 
-    table = _eval_table(prompts, generations, scores, lp, kl)
+    table = _eval_table(prompts, generations, scores, kl)
     means = {name: per_prompt_means(scores[name].column("prompt_id").to_pylist(),
                                     scores[name].column("reward").to_pylist(), order) for name in POLICIES}
     metrics: dict = {"test_prompts": len(order), "responses_per_prompt": sampling.num_responses,
@@ -183,14 +183,16 @@ def evaluate_policies(base_dir: str | Path, policy_dir: str | Path, test_prompts
             "truncated_share": sum(f == "length" for f in finish) / len(finish),
             **facts[name],
         }
-    metrics["kl"] = {"mean": statistics.fmean(kl), "std": statistics.pstdev(kl),
-                     "per_token": sum(kl) / max(1, sum(generations["trained"].column("num_tokens").to_pylist())),
+    log_ratio = table.column("kl_log_ratio").to_pylist()
+    metrics["kl"] = {"mean": statistics.fmean(kl["kl"]), "std": statistics.pstdev(kl["kl"]),
+                     "per_token": sum(kl["kl"]) / max(1, sum(trained.column("num_tokens").to_pylist())),
+                     "log_ratio_mean": statistics.fmean(log_ratio), "log_ratio_std": statistics.pstdev(log_ratio),
                      "seconds": round(kl_seconds, 3)}
     return table, _rounded(metrics)
 
 
 def _eval_table(prompts: dict[str, str], generations: dict[str, pa.Table], scores: dict[str, pa.Table],
-                lp: dict[str, list[float]], kl: list[float]) -> pa.Table:
+                kl: dict[str, list[float]]) -> pa.Table:
     """One row per (prompt_id, response_idx) with both policies' responses side by side.
 
     Generation tables come sorted by (prompt_id, response_idx) and score tables in the order of
@@ -209,9 +211,10 @@ def _eval_table(prompts: dict[str, str], generations: dict[str, pa.Table], score
         for col in scores[name].column_names:
             if col not in _KEYS:
                 columns[f"{name}_{col}"] = scores[name].column(col)
-    columns["trained_logprob"] = pa.array(lp["trained"], pa.float64())
-    columns["base_logprob_of_trained"] = pa.array(lp["base"], pa.float64())
-    columns["kl_log_ratio"] = pa.array(kl, pa.float64())
+    columns["trained_logprob"] = pa.array(kl["policy"], pa.float64())
+    columns["base_logprob_of_trained"] = pa.array(kl["reference"], pa.float64())
+    columns["kl_log_ratio"] = pa.array([p - r for p, r in zip(kl["policy"], kl["reference"])], pa.float64())
+    columns["kl"] = pa.array(kl["kl"], pa.float64())
     return pa.table(columns)
 
 

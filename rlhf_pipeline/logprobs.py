@@ -38,6 +38,26 @@ def pad_sequences(prompts: list[list[int]], responses: list[list[int]], pad_id: 
     return ids, attn, resp
 
 
+def _response_logits(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+                     temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits at the positions that predict response tokens.
+
+    Returns:
+        logits (batch, width, vocab) float32 divided by ``temperature``, where position t predicts
+        ``targets[:, t]``; targets (batch, width) token ids; mask (batch, width), 1 where the
+        target is a response token. ``width`` starts at the shortest prompt's first response token.
+    """
+    ids, attn, resp = pad_sequences(prompts, responses, pad_id)
+    device = next(model.parameters()).device  # works through DDP/DeepSpeed wrappers too
+    ids, attn, resp = ids.to(device), attn.to(device), resp.to(device)
+    # Logits are only needed from the first response position on: skip the lm_head on the
+    # shared prompt prefix (the vocabulary projection is the largest matmul of a small model).
+    first = min(len(p) for p in prompts)
+    keep = ids.shape[1] - first + 1
+    logits = model(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits  # (batch, keep, vocab)
+    return logits[:, :-1].float() / temperature, ids[:, first:], resp[:, first:]
+
+
 def sequence_logprobs(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
                       temperature: float = 1.0) -> torch.Tensor:
     """Sum over response tokens of log πθ(token | prefix), logits divided by ``temperature``.
@@ -51,18 +71,50 @@ def sequence_logprobs(model, prompts: list[list[int]], responses: list[list[int]
         (batch,) float32 tensor of summed log-probs, in nats, on the model's device. Gradients flow
         when called outside ``torch.no_grad``.
     """
-    ids, attn, resp = pad_sequences(prompts, responses, pad_id)
-    device = next(model.parameters()).device  # works through DDP/DeepSpeed wrappers too
-    ids, attn, resp = ids.to(device), attn.to(device), resp.to(device)
-    # Logits are only needed from the first response position on: skip the lm_head on the
-    # shared prompt prefix (the vocabulary projection is the largest matmul of a small model).
-    first = min(len(p) for p in prompts)
-    keep = ids.shape[1] - first + 1
-    logits = model(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits  # (batch, keep, vocab)
-    logits = logits[:, :-1].float() / temperature  # position t predicts token t + 1
-    targets = ids[:, first:]
+    logits, targets, mask = _response_logits(model, prompts, responses, pad_id, temperature)
     token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    return (token_logps * resp[:, first:]).sum(-1)
+    return (token_logps * mask).sum(-1)
+
+
+@torch.no_grad()
+def response_kl(policy, reference, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+                temperature: float, batch_size: int, autocast_dtype: torch.dtype | None = None,
+                progress: bool = True, desc: str = "KL") -> dict[str, list[float]]:
+    """Per (prompt, response) row, the policy's and the reference's summed log-probs and the
+    full-vocabulary KL summed along the response.
+
+    ``kl`` is Σ_t KL(πθ(·|x, y<t) ‖ π0(·|x, y<t)) over the response positions t, every next-token
+    distribution at logits / ``temperature``. By the chain rule of KL its mean over responses
+    y ~ πθ(·|x) estimates the sequence-level KL(πθ(·|x) ‖ π0(·|x)), as the log-ratio
+    log πθ(y|x) − log π0(y|x) does, with less variance: it is the log-ratio's conditional
+    expectation given each prefix (J. Schulman, "Approximating KL divergence", 2020). Unlike the
+    log-ratio it is never negative, and on greedy responses it is still a KL (along that path).
+
+    Returns:
+        ``{"policy": [...], "reference": [...], "kl": [...]}``, one float per row each, nats.
+    """
+    from tqdm.auto import tqdm
+
+    out: dict[str, list[float]] = {k: [0.0] * len(prompts) for k in ("policy", "reference", "kl")}
+    device_type = next(policy.parameters()).device.type
+    batches = length_grouped_batches([len(p) + len(r) for p, r in zip(prompts, responses)], batch_size)
+    for idx in tqdm(batches, desc=desc, disable=not progress):
+        rows = ([prompts[i] for i in idx], [responses[i] for i in idx], pad_id, temperature)
+        with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            logits, targets, mask = _response_logits(policy, *rows)
+            logp = logits.log_softmax(-1)
+            del logits
+            ref_logits, _, _ = _response_logits(reference, *rows)
+            ref_logp = ref_logits.log_softmax(-1)
+            del ref_logits
+        picked = {name: (lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * mask).sum(-1)
+                  for name, lp in (("policy", logp), ("reference", ref_logp))}
+        kl = ((logp.exp() * (logp - ref_logp)).sum(-1) * mask).sum(-1)
+        for j, i in enumerate(idx):
+            out["policy"][i] = picked["policy"][j].item()
+            out["reference"][i] = picked["reference"][j].item()
+            out["kl"][i] = kl[j].item()
+    return out
 
 
 def check_context_length(lengths: list[int], max_positions: int | None, where: str) -> None:

@@ -67,6 +67,7 @@ def test_evaluate_policy_against_itself(tiny_model_dir, test_prompts):
     assert table.num_rows == 6
     assert table.column("base_response").to_pylist() == table.column("trained_response").to_pylist()
     assert all(abs(x) < 1e-4 for x in table.column("kl_log_ratio").to_pylist())
+    assert all(abs(x) < 1e-4 for x in table.column("kl").to_pylist())
     assert all(x < 0 for x in table.column("trained_logprob").to_pylist())
     assert m["win_rate"]["value"] == 0.5 and m["win_rate"]["ties"] == 3
     timing = ("generation_seconds", "tokens_per_second", "score_seconds")

@@ -85,8 +85,9 @@ def test_evaluate_outputs_are_consistent(project):
     assert r["diff_ci_low"] <= r["diff"] <= r["diff_ci_high"]
     assert 0 <= w["ci_low"] <= w["value"] <= w["ci_high"] <= 1
     assert w["wins"] + w["ties"] + w["losses"] == 4
-    kl = table.column("kl_log_ratio").to_pylist()
-    assert m["kl"]["mean"] == pytest.approx(sum(kl) / len(kl), abs=1e-5)
+    kl, log_ratio = table.column("kl").to_pylist(), table.column("kl_log_ratio").to_pylist()
+    assert m["kl"]["mean"] == pytest.approx(sum(kl) / len(kl), abs=1e-5) and min(kl) >= 0
+    assert m["kl"]["log_ratio_mean"] == pytest.approx(sum(log_ratio) / len(log_ratio), abs=1e-5)
     hist = (project / "metrics/eval_reward_hist.tsv").read_text().splitlines()
     assert hist[0] == "reward\tbase\ttrained"
     assert sum(int(line.split("\t")[1]) for line in hist[1:]) == 8
