@@ -226,7 +226,8 @@ def test_changed_min_reward_gap_reruns_pairs_only(project):
 
 
 def test_missing_eos_penalty_reruns_score_and_shapes_only_the_training_reward(project):
-    unshaped = pq.read_table(project / "data/scores.parquet").column("reward").to_pylist()
+    before = pq.read_table(project / "data/scores.parquet").column("reward").to_pylist()
+    old_penalty = yaml.safe_load((project / "params.yaml").read_text())["reward"].get("missing_eos_penalty") or 0.0
     set_param(project, "reward", "missing_eos_penalty", 0.25)
     assert {"score", "pairs"} <= ran(run_dvc(project, "repro").stdout) <= {
         "score", "pairs", "ref_logprobs", "train", "evaluate", "report"}
@@ -236,7 +237,7 @@ def test_missing_eos_penalty_reruns_score_and_shapes_only_the_training_reward(pr
     missing = [f == "length" for f in gens.column("finish_reason").to_pylist()]
     assert scores.column("missing_eos").to_pylist() == missing and any(missing)
     assert scores.column("reward").to_pylist() == pytest.approx(
-        [r - 0.25 * m for r, m in zip(unshaped, missing)])
+        [r + (old_penalty - 0.25) * m for r, m in zip(before, missing)])
     metrics = json.loads((project / "metrics/score.json").read_text())
     assert metrics["missing_eos_share"] == pytest.approx(sum(missing) / len(missing))
     # evaluate scores with the scorers only, and does not depend on the penalty
