@@ -3,23 +3,37 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from typing import Callable
 
 from rlhf_pipeline.errors import PipelineError
 
 
+def _terminate(signum, frame):
+    # Python's default for SIGTERM ends the process without unwinding: no `finally`, so temporary
+    # outputs stay behind. Raised as KeyboardInterrupt, SIGTERM unwinds exactly as Ctrl-C does.
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
 def run_stage(main: Callable[[], None]) -> None:
     """Run a stage's ``main``; report a :class:`PipelineError` as one line on stderr, exit 1.
 
-    Other exceptions keep their traceback: they are bugs, not bad input.
+    SIGTERM is handled like SIGINT: the stack unwinds, every temporary output is removed, the
+    output paths keep what they held, and the process exits 128 + the signal number. Other
+    exceptions keep their traceback: they are bugs, not bad input.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         main()
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt as exc:
+        name = str(exc) or "signal SIGINT"
+        print(f"interrupted ({name}): no partial output was left", file=sys.stderr)
+        sys.exit(128 + (signal.SIGTERM if "SIGTERM" in name else signal.SIGINT))
 
 
 def peak_rss_mb() -> float:

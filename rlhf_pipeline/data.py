@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -46,6 +47,31 @@ class PromptSet:
     prompts: list[str]
     extra: dict[str, list[Any]] = field(default_factory=dict)
     extra_types: dict[str, pa.DataType] = field(default_factory=dict)
+    #: facts about the source for the metrics file (a dataset's fingerprint, say)
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    def select(self, rows: list[int]) -> "PromptSet":
+        """The same source restricted to ``rows`` (in that order)."""
+        return PromptSet(self.origin, [self.prompts[r] for r in rows],
+                         {k: [v[r] for r in rows] for k, v in self.extra.items()}, self.extra_types, self.facts)
+
+
+def inside_sources(path: str | Path, what: str, sources_dir: str | Path) -> Path:
+    """``path`` resolved (symbolic links followed), refused unless it lies under ``sources_dir``.
+
+    The stage passes the folder that DVC tracks as a dependency of ``prepare_prompts``
+    (``data/sources/``): a file elsewhere, or a link under it that leads elsewhere, could change
+    without DVC noticing.
+
+    Raises:
+        PipelineError: naming ``what`` (the params key), the path and where it leads.
+    """
+    sources = Path(os.path.abspath(sources_dir))
+    resolved = Path(path).expanduser().resolve()
+    if not resolved.is_relative_to(sources):
+        raise PipelineError(f"{what}: {path} resolves to {resolved}, outside {sources_dir}/ (a symbolic link or a "
+                            f"path out of the project); copy the data into {sources_dir}/, which DVC tracks")
+    return resolved
 
 
 def _check_prompt(value: Any, where: str, field_name: str) -> str:
@@ -127,16 +153,20 @@ def load_ifeval() -> PromptSet:
     )
 
 
-def load_file(path: str | Path, prompt_field: str) -> PromptSet:
+def load_file(path: str | Path, prompt_field: str, sources_dir: str | Path | None = None) -> PromptSet:
     """Prompts from a local ``.jsonl`` (one JSON object per line) or ``.parquet`` file.
 
+    ``sources_dir``: if given, the file (links resolved) must lie under it (:func:`inside_sources`).
+
     Raises:
-        PipelineError: missing or empty file, invalid UTF-8 or JSON (line named), a row without
-            ``prompt_field`` or with an empty or non-string prompt (row named).
+        PipelineError: missing or empty file, a file outside ``sources_dir``, invalid UTF-8 or JSON
+            (line named), a row without ``prompt_field`` or with an empty or non-string prompt (row named).
     """
     p = Path(path)
     if not p.is_file():
         raise PipelineError(f"{p}: prompt file not found (data.path)")
+    if sources_dir is not None:
+        inside_sources(p, "data.path", sources_dir)
     if p.suffix == ".jsonl":
         records = _read_jsonl_records(p)
         return PromptSet(str(p), _prompts_from_records(((f"{p}:{n}", r) for n, r in records), prompt_field))
@@ -159,16 +189,27 @@ def load_file(path: str | Path, prompt_field: str) -> PromptSet:
     return PromptSet(str(p), [_check_prompt(v, f"{p}: row {i}", prompt_field) for i, v in enumerate(values)])
 
 
-def load_hf_dataset(cfg: DataParams) -> PromptSet:
+def load_hf_dataset(cfg: DataParams, sources_dir: str | Path | None = None) -> PromptSet:
     """Prompts from :func:`datasets.load_dataset` (a Hub id, a local folder or a builder name with
     ``data_files``), e.g. ``allenai/ultrafeedback_binarized_cleaned_train``, split ``train``.
 
+    Local data (a dataset folder, or ``data_files`` that are not URLs) must lie under
+    ``sources_dir`` when it is given (the stage gives ``data/sources/``, which DVC tracks). A Hub dataset is not a file DVC can hash: its fingerprint
+    (``datasets``' hash of the resolved data files and revision) goes into the prompts metrics
+    (``facts``), so a change upstream shows in ``dvc metrics diff``.
+
     Raises:
-        PipelineError: the dataset cannot be loaded, or a row's prompt is missing, empty or not a
-            string (row named).
+        PipelineError: local data outside ``data/sources/``, the dataset cannot be loaded, or a row's
+            prompt is missing, empty or not a string (row named).
     """
     import datasets  # heavy import, only on this path
 
+    if sources_dir is not None:
+        if cfg.dataset.startswith((".", "/", "~")) or Path(cfg.dataset).exists():
+            inside_sources(cfg.dataset, "data.dataset", sources_dir)
+        for f in [cfg.data_files] if isinstance(cfg.data_files, str) else list(cfg.data_files or []):
+            if "://" not in f:
+                inside_sources(f, "data.data_files", sources_dir)
     where = f"dataset {cfg.dataset!r} split {cfg.split!r}"
     try:
         ds = datasets.load_dataset(cfg.dataset, name=cfg.config_name, split=cfg.split, data_files=cfg.data_files)
@@ -179,17 +220,60 @@ def load_hf_dataset(cfg: DataParams) -> PromptSet:
     if cfg.prompt_field not in ds.column_names:
         raise PipelineError(f"{where}: no column {cfg.prompt_field!r} (has {ds.column_names})")
     values = ds[cfg.prompt_field]
-    return PromptSet(where, [_check_prompt(v, f"{where}: row {i}", cfg.prompt_field) for i, v in enumerate(values)])
+    facts = {"dataset_fingerprint": ds._fingerprint, "dataset_rows": len(ds)}
+    if getattr(ds.info, "version", None) is not None:
+        facts["dataset_version"] = str(ds.info.version)
+    return PromptSet(where, [_check_prompt(v, f"{where}: row {i}", cfg.prompt_field) for i, v in enumerate(values)],
+                     facts=facts)
 
 
-def load_source(cfg: DataParams) -> PromptSet:
-    """Read the prompts that ``data.source`` names."""
+def prompt_token_limit(context: int | None, max_new_tokens: list[int], max_prompt_tokens: int) -> int:
+    """The longest prompt (tokens, chat template and generation prompt included) the pipeline can
+    use: a response of the largest ``max_new_tokens`` must still fit in the model's ``context``, and
+    ``pairs`` would drop a prompt over ``max_prompt_tokens`` anyway.
+
+    Raises:
+        PipelineError: the response budget alone fills the context.
+    """
+    limit = max_prompt_tokens
+    if context:
+        limit = min(limit, context - max(max_new_tokens))
+        if limit <= 0:
+            raise PipelineError(f"generate.max_new_tokens / evaluate.max_new_tokens: {max(max_new_tokens)} new tokens "
+                                f"leave no room for a prompt in the model's context of {context} positions")
+    return limit
+
+
+def drop_long_prompts(prompts: PromptSet, lengths: list[int], max_tokens: int) -> tuple[PromptSet, int]:
+    """Keep the prompts whose chat-formatted length is at most ``max_tokens`` tokens.
+
+    Args:
+        lengths: per prompt, its tokens in the policy's chat template, generation prompt included.
+        max_tokens: the longest prompt every later stage can take (the model's context less the
+            response budget, and ``pairs.max_prompt_tokens``).
+
+    Returns:
+        (the kept prompts in source order, how many were dropped).
+
+    Raises:
+        PipelineError: every prompt is too long (the longest and shortest lengths named).
+    """
+    keep = [i for i, n in enumerate(lengths) if n <= max_tokens]
+    if not keep:
+        raise PipelineError(f"{prompts.origin}: every prompt is longer than {max_tokens} tokens (shortest "
+                            f"{min(lengths, default=0)}); raise pairs.max_prompt_tokens or lower max_new_tokens")
+    return prompts.select(keep), len(lengths) - len(keep)
+
+
+def load_source(cfg: DataParams, sources_dir: str | Path | None = None) -> PromptSet:
+    """Read the prompts that ``data.source`` names; local files must lie under ``sources_dir``
+    (if given)."""
     if cfg.source == "ifeval":
         return load_ifeval()
     if cfg.source == "file":
-        return load_file(cfg.path, cfg.prompt_field)
+        return load_file(cfg.path, cfg.prompt_field, sources_dir)
     if cfg.source == "huggingface":
-        return load_hf_dataset(cfg)
+        return load_hf_dataset(cfg, sources_dir)
     raise PipelineError(f"data.source: unknown source {cfg.source!r}")
 
 

@@ -58,9 +58,10 @@ def paired_comparison(base: np.ndarray, trained: np.ndarray, samples: int, confi
         base, trained: (prompts,) mean reward per test prompt, same prompt order.
 
     Returns:
-        ``{"base", "trained", "diff", "diff_ci_low", "diff_ci_high"}`` (reward units) and
-        ``win_rate`` (trained over base per prompt; a tie counts half) with its interval and
-        the win/tie/loss counts.
+        ``{"reward": {"base", "trained", "diff", "diff_ci_low", "diff_ci_high"}`` (mean reward of
+        each policy and of the per-prompt difference, reward units), ``"win_rate": {"value",
+        "ci_low", "ci_high", "wins", "ties", "losses"}}`` (trained over base per prompt, a tie
+        counting half; the counts are prompts).
     """
     base, trained = np.asarray(base, np.float64), np.asarray(trained, np.float64)
     diff = trained - base
@@ -83,17 +84,11 @@ def per_prompt_means(prompt_ids: list[str], rewards: list[float], order: list[st
     return np.array([statistics.fmean(sums[pid]) for pid in order], dtype=np.float64)
 
 
-def sampled_token_ids(tokenizer, response: str, finish_reason: str) -> list[int]:
-    """The response's tokens as sampled: its text, and the end-of-turn token if it stopped."""
-    ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
-    return ids + [tokenizer.eos_token_id] if finish_reason == "stop" else ids
-
-
 def policy_kl(base_dir: str | Path, policy_dir: str | Path, prompts: dict[str, str],
-              rows: list[tuple[str, str, str]], temperature: float, batch_size: int,
+              rows: list[tuple[str, list[int]]], temperature: float, batch_size: int,
               dtype_name: str) -> dict[str, list[float]]:
-    """The trained policy's and the base policy's summed log-probs of (prompt_id, response,
-    finish_reason) rows and the full-vocabulary KL along each response, logits divided by
+    """The trained policy's and the base policy's summed log-probs of (prompt_id, response token
+    ids as sampled) rows and the full-vocabulary KL along each response, logits divided by
     ``temperature`` (:func:`rlhf_pipeline.logprobs.response_kl`; nats)."""
     from rlhf_pipeline.chat import prompt_token_ids
     from rlhf_pipeline.logprobs import response_kl
@@ -104,8 +99,7 @@ def policy_kl(base_dir: str | Path, policy_dir: str | Path, prompts: dict[str, s
     dtype = resolve_dtype(dtype_name, device)
     policy, base = (load_policy(d, torch.float32, device) for d in (policy_dir, base_dir))
     prompt_ids = {pid: prompt_token_ids(tok, text) for pid, text in prompts.items()}
-    return response_kl(policy, base, [prompt_ids[pid] for pid, _, _ in rows],
-                       [sampled_token_ids(tok, text, fin) for _, text, fin in rows], tok.pad_token_id,
+    return response_kl(policy, base, [prompt_ids[pid] for pid, _ in rows], [ids for _, ids in rows], tok.pad_token_id,
                        temperature, batch_size, None if dtype == torch.float32 else dtype)
 
 
@@ -136,7 +130,7 @@ def evaluate_policies(base_dir: str | Path, policy_dir: str | Path, test_prompts
     from rlhf_pipeline.generation import run_generation
     from rlhf_pipeline.rewards import reward_summary, score_responses, validate_scorers
 
-    where = "data/prompts/test.parquet"
+    where = "the test prompts"
     if test_prompts.num_rows == 0:
         raise PipelineError(f"{where}: no test prompts (data.test_size)")
     validate_scorers(reward, test_prompts, where)
@@ -158,7 +152,7 @@ def evaluate_policies(base_dir: str | Path, policy_dir: str | Path, test_prompts
                        "score_seconds": round(time.perf_counter() - t0, 3)}
 
     trained = generations["trained"]
-    kl_rows = list(zip(*(trained.column(c).to_pylist() for c in ("prompt_id", "response", "finish_reason"))))
+    kl_rows = list(zip(*(trained.column(c).to_pylist() for c in ("prompt_id", "token_ids"))))
     temperature = sampling.temperature or 1.0
     t0 = time.perf_counter()
     kl = policy_kl(base_dir, policy_dir, prompts, kl_rows, temperature, cfg.logprob_batch_size, sampling.dtype)

@@ -1,7 +1,8 @@
 """Sampling N responses per prompt (REBEL recipe, part 1): transformers and vLLM backends.
 
 Every response has its own seed, derived from ``(seed, prompt_id, response_idx)`` and stored next
-to it. The transformers backend draws each response's tokens from its own ``torch.Generator``, so
+to it, with the token ids exactly as sampled (:func:`response_token_ids`: the rule every later
+stage uses). The transformers backend draws each response's tokens from its own ``torch.Generator``, so
 a response depends on its seed and prompt, not on which other prompts share its batch (up to the
 float rounding that batching itself causes). vLLM gets the same seed per request.
 """
@@ -33,8 +34,30 @@ GENERATIONS_SCHEMA = pa.schema(
         ("num_tokens", pa.int32()),
         ("finish_reason", pa.string()),
         ("seed", pa.int64()),
+        ("token_ids", pa.list_(pa.int32())),
     ]
 )
+
+
+def response_token_ids(new_tokens: list[int], stop_ids: set[int] | list[int]) -> tuple[list[int], str]:
+    """The token ids of a sampled response, and its finish reason: the one rule for both.
+
+    A response is the generated tokens up to and including the first stop (end-of-turn) token;
+    tokens a batch generated after it are not part of it. The end-of-turn token belongs to the
+    response only where it was generated: a response cut at ``max_new_tokens`` ends without one.
+    These ids, stored in ``data/generations.parquet``, are what ``pairs`` copies into chosen and
+    rejected ids and what ``ref_logprobs``, ``train`` and ``evaluate`` score: log-probs are of the
+    tokens sampled, never of a re-tokenization of the text or of an end-of-turn token that was
+    never drawn.
+
+    Returns:
+        (ids, shape (response_tokens,); ``"stop"`` if they end with a stop token, else ``"length"``).
+    """
+    stop = set(stop_ids)
+    for i, t in enumerate(new_tokens):
+        if t in stop:
+            return list(new_tokens[: i + 1]), "stop"
+    return list(new_tokens), "length"
 
 
 def response_seed(seed: int, prompt_id: str, response_idx: int) -> int:
@@ -55,6 +78,7 @@ class Response:
     num_tokens: int  # generated tokens, the end-of-turn token included when produced
     finish_reason: str  # "stop" (end-of-turn token) or "length" (max_new_tokens reached)
     seed: int
+    token_ids: list[int]  # as sampled (response_token_ids)
 
 
 def responses_table(responses: list[Response]) -> pa.Table:
@@ -67,11 +91,13 @@ class SeededSampler:
     """A logits processor that draws each row's next token from that row's own generator.
 
     Nucleus sampling (Holtzman et al., arXiv 1904.09751) at ``temperature``: keep the most
-    probable tokens until their mass reaches ``top_p`` (the same set transformers'
-    ``TopPLogitsWarper`` keeps), renormalise, and draw by inverting the CDF with one uniform from
+    probable tokens until their mass reaches ``top_p``, renormalise, and draw by inverting the CDF with one uniform from
     the row's generator. The nucleus is found with a ``topk`` that grows until every row's mass
     reaches ``top_p``, instead of sorting the whole vocabulary (on 64 x 49152 logits that sort
-    alone took 0.19 s per step on 2 CPU cores).
+    alone took 0.19 s per step on 2 CPU cores). This is the set transformers' ``TopPLogitsWarper``
+    keeps in nearly every row, not all: tied probabilities at the boundary, and cumulative sums
+    that round differently in float32 (ours adds from the most probable token, transformers' from
+    the least), change the last token kept in about 0.07 % of rows measured on real logits.
 
     It returns scores that are 0 at the drawn token and -inf elsewhere, so ``generate`` run in
     greedy mode emits exactly the drawn token. ``temperature`` 0 is greedy decoding (the most
@@ -123,24 +149,18 @@ def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
-def _split_response(new_tokens: list[int], stop_ids: set[int]) -> tuple[list[int], bool]:
-    """The generated tokens up to and including the first stop token, and whether one came."""
-    for i, t in enumerate(new_tokens):
-        if t in stop_ids:
-            return new_tokens[: i + 1], True
-    return new_tokens, False
-
-
 @torch.no_grad()
 def _sample_batch(model, prompts: list[list[int]], seeds: list[list[int]], cfg: SamplingParams,
-                  pad_id: int, stop_ids: list[int]) -> list[tuple[list[int], bool]]:
+                  pad_id: int, stop_ids: list[int]) -> list[tuple[list[int], str]]:
     """Sample ``len(seeds[i])`` responses for each prompt of a batch.
 
     The prompts are prefilled once (all but their last token), and the KV cache is repeated for
     the N responses, instead of prefilling N identical copies as ``num_return_sequences`` does.
+    Decoding uses exactly ``cfg``: ``use_model_defaults=False`` keeps the model folder's
+    ``generation_config.json`` (a ``repetition_penalty``, ``top_k``, ``temperature``, …) out of it.
 
     Returns:
-        per prompt-major response: (generated token ids, ended with a stop token).
+        per prompt-major response: (token ids, finish reason) by :func:`response_token_ids`.
     """
     from transformers import DynamicCache, GenerationConfig
 
@@ -164,10 +184,11 @@ def _sample_batch(model, prompts: list[list[int]], seeds: list[list[int]], cfg: 
         attention_mask=mask.repeat_interleave(n, 0),
         past_key_values=cache if ids.shape[1] > 1 else None,
         generation_config=gen_cfg,
+        use_model_defaults=False,
         logits_processor=[sampler],
     )
     new = out[:, ids.shape[1]:].tolist()
-    return [_split_response(row, set(stop_ids)) for row in new]
+    return [response_token_ids(row, stop_ids) for row in new]
 
 
 def stop_token_ids(tokenizer, model_config=None) -> list[int]:
@@ -201,11 +222,11 @@ def generate_transformers(model, tokenizer, prompts: list[tuple[str, str]], cfg:
         batch = encoded[start:start + per_batch]
         seeds = [[response_seed(seed, pid, k) for k in range(n)] for pid, _ in batch]
         outs = _sample_batch(model, [ids for _, ids in batch], seeds, cfg, pad_id, stop_ids)
-        for j, (tokens, stopped) in enumerate(outs):
+        for j, (tokens, finish) in enumerate(outs):
             pid, k = batch[j // n][0], j % n
-            text_tokens = tokens[:-1] if stopped else tokens
+            text_tokens = tokens[:-1] if finish == "stop" else tokens
             results.append(Response(pid, k, tokenizer.decode(text_tokens, skip_special_tokens=True),
-                                    len(tokens), "stop" if stopped else "length", seeds[j // n][k]))
+                                    len(tokens), finish, seeds[j // n][k], tokens))
         bar.update(len(outs))
         bar.set_postfix(tokens=sum(r.num_tokens for r in results))
     bar.close()
@@ -218,7 +239,8 @@ def generate_vllm(model_dir: str | os.PathLike, tokenizer, prompts: list[tuple[s
 
     ``SamplingParams(n=N, seed=s)`` would give the N responses one seed between them; separate
     requests keep one seed per response, and vLLM's prefix caching still computes each prompt's
-    prefill once. Imported only here: vLLM pins its own torch and lives in its own environment
+    prefill once. ``generation_config="vllm"`` keeps the model folder's generation defaults out of
+    the sampling settings, as the transformers backend does. Imported only here: vLLM pins its own torch and lives in its own environment
     (``envs/vllm.txt``).
 
     Raises:
@@ -231,7 +253,7 @@ def generate_vllm(model_dir: str | os.PathLike, tokenizer, prompts: list[tuple[s
         raise PipelineError("generate.backend: 'vllm' is not installed here; see envs/README.md") from None
     llm = LLM(model=str(model_dir), tokenizer=str(model_dir), tensor_parallel_size=cfg.tensor_parallel_size,
               dtype=dtype, seed=seed, gpu_memory_utilization=cfg.gpu_memory_utilization,
-              enable_prefix_caching=True)
+              enable_prefix_caching=True, generation_config="vllm")
     stop_ids = stop_token_ids(tokenizer, llm.llm_engine.model_config.hf_config)
     requests, params, keys = [], [], []
     for pid, text in prompts:
@@ -246,8 +268,12 @@ def generate_vllm(model_dir: str | os.PathLike, tokenizer, prompts: list[tuple[s
     results = []
     for (pid, k, s), out in zip(keys, outputs):
         completion = out.outputs[0]
-        finish = "length" if completion.finish_reason == "length" else "stop"
-        results.append(Response(pid, k, completion.text, len(completion.token_ids), finish, s))
+        tokens = list(completion.token_ids)
+        if completion.finish_reason == "stop" and not (tokens and tokens[-1] in stop_ids):
+            # vLLM names the stop token it stopped on in stop_reason (None for the model's own EOS)
+            tokens.append(completion.stop_reason if isinstance(completion.stop_reason, int) else stop_ids[0])
+        tokens, finish = response_token_ids(tokens, stop_ids)
+        results.append(Response(pid, k, completion.text, len(tokens), finish, s, tokens))
     return results
 
 

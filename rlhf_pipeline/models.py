@@ -211,6 +211,23 @@ def _register_cpu_gqa_attention() -> str:
     return CPU_GQA_ATTENTION
 
 
+def model_context(model_dir: str | os.PathLike) -> int | None:
+    """The number of positions a prepared model takes (``max_position_embeddings``), if its config
+    says; read from ``config.json`` without loading weights.
+
+    Raises:
+        PipelineError: ``model_dir`` is not a prepared model folder.
+    """
+    import json
+
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise PipelineError(f"{model_dir}: no model here (run the prepare_model stage first)")
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config = config.get("text_config", config)  # multimodal configs nest the language model's
+    return config.get("max_position_embeddings") or config.get("n_positions")
+
+
 def load_tokenizer(model_dir: str | os.PathLike):
     """The tokenizer saved by ``prepare_model`` (EOS and pad token already aligned).
 

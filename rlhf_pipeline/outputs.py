@@ -1,7 +1,11 @@
 """Atomic, deterministic writers for stage outputs (Parquet, JSON metrics, model folders).
 
 Every output is written under a temporary sibling name and renamed into place only when
-complete, so a killed stage never leaves a half-written file at a path DVC tracks. Parquet is
+complete, so a killed stage never leaves a half-written file at a path DVC tracks. A stage's
+outputs form one group (:func:`output_group`): each is written to its temporary name, and only
+when all are written are they renamed into place, one after another with SIGINT and SIGTERM held
+off, so an interrupted stage leaves either all its old outputs or all its new ones (SIGKILL can
+still land between two renames; DVC then sees the stage as changed and reruns it). Parquet is
 written from an Arrow table with fixed writer options and no pandas metadata, so the same rows
 give the same bytes (and the same md5 in ``dvc.lock``).
 """
@@ -9,10 +13,12 @@ give the same bytes (and the same md5 in ``dvc.lock``).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import math
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -23,15 +29,62 @@ import pyarrow.parquet as pq
 from rlhf_pipeline.errors import PipelineError
 
 _TMP_MARK = ".tmp-"
+#: (temporary, final) renames deferred to the end of the open :func:`output_group`, if any.
+_GROUP: contextvars.ContextVar[list[tuple[Path, Path]] | None] = contextvars.ContextVar("output_group", default=None)
+_DEFERRED_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _install(tmp: Path, final: Path) -> None:
+    """Move a finished temporary file or folder onto its final path."""
+    if tmp.is_dir():
+        os.chmod(tmp, 0o755)
+        if final.exists():
+            shutil.rmtree(final)
+    else:
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are ordinary files.
+    os.replace(tmp, final)
+
+
+@contextlib.contextmanager
+def output_group() -> Iterator[None]:
+    """Write several outputs as one: inside the block, :func:`atomic_file` and :func:`atomic_dir`
+    (and every writer built on them) write to temporary names; when the block succeeds, all are
+    renamed into place with SIGINT and SIGTERM blocked, so neither can separate them.
+
+    On an exception (a SIGINT or SIGTERM during the writes included) every temporary is removed
+    and every output path is left as it was.
+    """
+    if _GROUP.get() is not None:  # nested: the outer group commits
+        yield
+        return
+    pending: list[tuple[Path, Path]] = []
+    token = _GROUP.set(pending)
+    try:
+        yield
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED_SIGNALS)
+        try:
+            while pending:
+                _install(*pending[0])
+                pending.pop(0)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    finally:
+        _GROUP.reset(token)
+        for tmp, _ in pending:
+            _remove(tmp)
 
 
 def _clear_stale_temporaries(final: Path) -> None:
     # A SIGKILLed earlier run can leave its temporary sibling behind; it is never a valid output.
     for stale in final.parent.glob(f".{final.name}{_TMP_MARK}*"):
-        if stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            stale.unlink(missing_ok=True)
+        _remove(stale)
 
 
 @contextlib.contextmanager
@@ -45,13 +98,21 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     _clear_stale_temporaries(final)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}{_TMP_MARK}", dir=final.parent)
     os.close(fd)
-    tmp = Path(tmp_name)
+    yield from _finish(Path(tmp_name), final)
+
+
+def _finish(tmp: Path, final: Path) -> Iterator[Path]:
+    """Yield ``tmp``; then install it, or hand it to the open output group; remove it on failure."""
     try:
         yield tmp
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are ordinary files.
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
+        group = _GROUP.get()
+        if group is None:
+            _install(tmp, final)
+        else:
+            group.append((tmp, final))
+    except BaseException:
+        _remove(tmp)
+        raise
 
 
 @contextlib.contextmanager
@@ -64,15 +125,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     _clear_stale_temporaries(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}{_TMP_MARK}", dir=final.parent))
-    try:
-        yield tmp
-        os.chmod(tmp, 0o755)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    yield from _finish(tmp, final)
 
 
 def write_parquet(table: pa.Table, path: str | os.PathLike) -> None:
@@ -95,10 +148,15 @@ def write_parquet(table: pa.Table, path: str | os.PathLike) -> None:
 
 
 def read_parquet(path: str | os.PathLike, required: dict[str, pa.DataType] | None = None) -> pa.Table:
-    """Read a stage's Parquet input and check it has the ``required`` columns and types.
+    """Read a stage's Parquet input and check it before any work is done on it.
+
+    Checks: the file has rows; each ``required`` column exists with its type, holds no null (in
+    a list column, no null element either) and, if floating-point, no NaN or infinity. So a
+    reward or log-prob that is not a finite number stops the stage that reads it.
 
     Raises:
-        PipelineError: the file is missing, unreadable, or lacks a required column (named).
+        PipelineError: the file is missing, unreadable or empty, or a required column is absent,
+            mistyped, null or non-finite (file, column and first bad row named).
     """
     p = Path(path)
     if not p.is_file():
@@ -107,6 +165,8 @@ def read_parquet(path: str | os.PathLike, required: dict[str, pa.DataType] | Non
         table = pq.read_table(p)
     except (pa.ArrowException, OSError) as exc:
         raise PipelineError(f"{p}: not a readable Parquet file ({exc})") from exc
+    if table.num_rows == 0:
+        raise PipelineError(f"{p}: no rows (the stage that wrote it kept nothing; see its metrics file)")
     for name, dtype in (required or {}).items():
         if name not in table.column_names:
             raise PipelineError(f"{p}: missing column {name!r} (has {table.column_names})")
@@ -114,7 +174,36 @@ def read_parquet(path: str | os.PathLike, required: dict[str, pa.DataType] | Non
             raise PipelineError(
                 f"{p}: column {name!r} has type {table.schema.field(name).type}, expected {dtype}"
             )
+        _check_values(table.column(name), f"{p}: column {name!r}")
     return table
+
+
+def _check_values(column: pa.ChunkedArray, where: str) -> None:
+    """No null and, for floating-point values, no NaN or infinity (list elements included).
+
+    Raises:
+        PipelineError: naming ``where`` and the first bad row.
+    """
+    import pyarrow.compute as pc
+
+    values = column.combine_chunks()
+    bad = values.is_null()
+    kind = "null"
+    if pa.types.is_list(values.type) or pa.types.is_large_list(values.type):
+        row_of = pc.list_parent_indices(values)
+        flat = pc.list_flatten(values)
+        inner = flat.is_null()
+        if pa.types.is_floating(flat.type):
+            inner = pc.or_(inner, pc.invert(pc.is_finite(flat)))
+        if pc.any(inner).as_py():
+            first = pc.index(inner, True).as_py()
+            raise PipelineError(f"{where}: row {row_of[first].as_py()} holds a null or non-finite element")
+    elif pa.types.is_floating(values.type):
+        bad = pc.or_(bad, pc.invert(pc.fill_null(pc.is_finite(values), True)))
+        kind = "null or non-finite (NaN/inf)"
+    if pc.any(bad).as_py():
+        row = pc.index(bad, True).as_py()
+        raise PipelineError(f"{where}: row {row} is {kind} ({values[row].as_py()})")
 
 
 def _finite(obj: Any) -> Any:

@@ -2,6 +2,8 @@
 
 Per prompt, chosen = the response with the highest reward and rejected = the one with the lowest
 (ties go to the lowest ``response_idx``), as in the REBEL reference's filter-and-tokenize step.
+Response token ids are those sampled (``generation.response_token_ids``: the end-of-turn token
+only where it was generated), copied from the generations file, never re-tokenized from text.
 Token ids are stored unpadded; padding happens per micro-batch in training.
 """
 
@@ -28,6 +30,8 @@ PAIRS_SCHEMA = pa.schema([
     ("rejected_reward", pa.float64()),
     ("chosen_response_idx", pa.int32()),
     ("rejected_response_idx", pa.int32()),
+    ("chosen_finish_reason", pa.string()),
+    ("rejected_finish_reason", pa.string()),
 ])
 
 #: Why a prompt yields no pair, in the order the filters run.
@@ -35,52 +39,68 @@ DROP_REASONS = ("prompt_too_long", "response_too_long", "too_few_responses", "id
                 "reward_tie", "below_min_reward_gap")
 
 
-def response_token_ids(tokenizer, response: str) -> list[int]:
-    """Tokens of a response as the policy emits it: its text, then the end-of-turn (EOS) token.
-
-    Returns:
-        list of ids, shape (response_tokens + 1,); the chat template's header is not included.
-    """
-    return list(tokenizer(response, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
-
-
-@dataclass
+@dataclass(frozen=True)
 class Candidate:
+    """One scored response of a prompt: its text, reward, and token ids as sampled."""
+
     response_idx: int
     text: str
     reward: float
     ids: list[int]
+    finish_reason: str
 
 
-def join_scores(generations: pa.Table, scores: pa.Table, where: str) -> dict[str, list[tuple[int, str, float]]]:
-    """Per prompt_id, its (response_idx, response, reward), checking both files cover the same rows.
+def keyed_rows(table: pa.Table, columns: tuple[str, ...], where: str) -> dict[tuple[str, int], tuple]:
+    """``{(prompt_id, response_idx): (values of columns)}`` of a generations or scores table.
 
     Raises:
-        PipelineError: a response without a score or a score without a response (named).
+        PipelineError: a ``(prompt_id, response_idx)`` appears twice (the key and both rows named):
+            two rows for one response would otherwise merge silently.
     """
-    g = {(p, i): t for p, i, t in zip(generations.column("prompt_id").to_pylist(),
-                                      generations.column("response_idx").to_pylist(),
-                                      generations.column("response").to_pylist())}
-    s = {(p, i): r for p, i, r in zip(scores.column("prompt_id").to_pylist(),
-                                      scores.column("response_idx").to_pylist(),
-                                      scores.column("reward").to_pylist())}
-    if g.keys() != s.keys():
-        extra, missing = sorted(s.keys() - g.keys()), sorted(g.keys() - s.keys())
-        raise PipelineError(f"{where}: generations and scores disagree: unscored responses {missing[:3]}, "
-                            f"scores without a response {extra[:3]} (rerun the score stage)")
-    out: dict[str, list] = defaultdict(list)
-    for (pid, idx), text in g.items():
-        out[pid].append((idx, text, s[(pid, idx)]))
+    keys = zip(table.column("prompt_id").to_pylist(), table.column("response_idx").to_pylist())
+    values = zip(*(table.column(c).to_pylist() for c in columns))
+    out: dict[tuple[str, int], tuple] = {}
+    first_row: dict[tuple[str, int], int] = {}
+    for row, (key, value) in enumerate(zip(keys, values)):
+        if key in out:
+            raise PipelineError(f"{where}: rows {first_row[key]} and {row} are both prompt_id {key[0]!r} "
+                                f"response_idx {key[1]}; each response must appear once")
+        out[key], first_row[key] = value, row
     return out
 
 
-def build_pairs(responses: dict[str, list[tuple[int, str, float]]], prompts: dict[str, str], tokenizer,
+def join_scores(generations: pa.Table, scores: pa.Table, generations_where: str, scores_where: str
+                ) -> dict[str, list[Candidate]]:
+    """Per prompt_id, its scored responses, checking both files cover the same rows once each.
+
+    Args:
+        generations: ``prompt_id``, ``response_idx``, ``response``, ``token_ids``, ``finish_reason``.
+        scores: ``prompt_id``, ``response_idx``, ``reward``.
+        generations_where, scores_where: the files' names for error messages.
+
+    Raises:
+        PipelineError: a duplicate ``(prompt_id, response_idx)`` in either file, a response without
+            a score or a score without a response (named).
+    """
+    g = keyed_rows(generations, ("response", "token_ids", "finish_reason"), generations_where)
+    s = keyed_rows(scores, ("reward",), scores_where)
+    if g.keys() != s.keys():
+        extra, missing = sorted(s.keys() - g.keys()), sorted(g.keys() - s.keys())
+        raise PipelineError(f"{generations_where} / {scores_where}: generations and scores disagree: unscored "
+                            f"responses {missing[:3]}, scores without a response {extra[:3]} (rerun the score stage)")
+    out: dict[str, list[Candidate]] = defaultdict(list)
+    for (pid, idx), (text, ids, finish) in sorted(g.items()):
+        out[pid].append(Candidate(idx, text, s[(pid, idx)][0], ids, finish))
+    return out
+
+
+def build_pairs(responses: dict[str, list[Candidate]], prompts: dict[str, str], tokenizer,
                 cfg: PairsParams) -> tuple[pa.Table, dict]:
     """One chosen/rejected pair per prompt that survives the filters.
 
     Filters, in order: the prompt's chat-formatted length exceeds ``max_prompt_tokens``
-    (generation prompt included); responses whose tokens plus end-of-turn exceed
-    ``max_response_tokens`` are dropped, and a prompt left with fewer than two responses yields
+    (generation prompt included); responses whose sampled tokens (end-of-turn included where it
+    was generated) exceed ``max_response_tokens`` are dropped, and a prompt left with fewer than two responses yields
     nothing; all texts identical; all rewards equal (argmax = argmin: no preference); chosen and
     rejected texts identical; reward gap below ``min_reward_gap``.
 
@@ -102,13 +122,8 @@ def build_pairs(responses: dict[str, list[tuple[int, str, float]]], prompts: dic
         if len(prompt_ids) > cfg.max_prompt_tokens:
             counts["dropped_prompt_too_long"] += 1
             continue
-        cands = []
-        for idx, text, reward in sorted(responses[pid]):
-            ids = response_token_ids(tokenizer, text)
-            if len(ids) > cfg.max_response_tokens:
-                counts["responses_dropped_too_long"] += 1
-            else:
-                cands.append(Candidate(idx, text, reward, ids))
+        cands = [c for c in responses[pid] if len(c.ids) <= cfg.max_response_tokens]
+        counts["responses_dropped_too_long"] += len(responses[pid]) - len(cands)
         if len(cands) < 2:
             reason = "response_too_long" if len(cands) < len(responses[pid]) else "too_few_responses"
             counts[f"dropped_{reason}"] += 1
@@ -132,7 +147,8 @@ def build_pairs(responses: dict[str, list[tuple[int, str, float]]], prompts: dic
         rows.append({"prompt_id": pid, "prompt_ids": prompt_ids, "chosen_ids": chosen.ids,
                      "rejected_ids": rejected.ids, "chosen": chosen.text, "rejected": rejected.text,
                      "chosen_reward": chosen.reward, "rejected_reward": rejected.reward,
-                     "chosen_response_idx": chosen.response_idx, "rejected_response_idx": rejected.response_idx})
+                     "chosen_response_idx": chosen.response_idx, "rejected_response_idx": rejected.response_idx,
+                     "chosen_finish_reason": chosen.finish_reason, "rejected_finish_reason": rejected.finish_reason})
     counts["pairs_out"] = len(rows)
     if not rows:
         why = ", ".join(f"{counts[f'dropped_{r}']} {r.replace('_', ' ')}" for r in DROP_REASONS)
@@ -143,5 +159,7 @@ def build_pairs(responses: dict[str, list[tuple[int, str, float]]], prompts: dic
         "mean_chosen_tokens": round(statistics.fmean(len(r["chosen_ids"]) for r in rows), 2),
         "mean_rejected_tokens": round(statistics.fmean(len(r["rejected_ids"]) for r in rows), 2),
         "mean_prompt_tokens": round(statistics.fmean(len(r["prompt_ids"]) for r in rows), 2),
+        "chosen_truncated_share": round(statistics.fmean(r["chosen_finish_reason"] == "length" for r in rows), 4),
+        "rejected_truncated_share": round(statistics.fmean(r["rejected_finish_reason"] == "length" for r in rows), 4),
     })
     return pa.Table.from_pylist(rows, schema=PAIRS_SCHEMA), counts

@@ -7,13 +7,14 @@ a wrong type or an out-of-range value fails at once with a message naming the ke
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 import math
+import os
+import reprlib
+from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, model_validator
 
 from rlhf_pipeline.errors import PipelineError
 
@@ -24,6 +25,21 @@ PARAMS_FILE = "params.yaml"
 PROMPT_SOURCES_DIR = "data/sources"
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+def _not_a_boolean(value: object) -> object:
+    # YAML's `true` is a bool, and Python's bool is an int: without this a float key accepts it as 1.0.
+    if isinstance(value, bool):
+        raise ValueError("expected a number, got a boolean")
+    return value
+
+
+#: An integer key: `true`, `3.0` and `"3"` are errors, not 1 and 3.
+Int = Annotated[int, Strict()]
+#: A real-valued key: an int or float (or a YAML string such as `1e-4`), never a boolean.
+Number = Annotated[float, BeforeValidator(_not_a_boolean)]
+#: A switch: only `true` or `false`.
+Bool = Annotated[bool, Strict()]
 
 
 class _Section(BaseModel):
@@ -40,7 +56,7 @@ class PolicyParams(_Section):
         "model id, or a local model folder.",
     )
     revision: str | None = Field(None, description="Hub revision (commit, branch or tag).")
-    trust_remote_code: bool = False
+    trust_remote_code: Bool = False
 
 
 class DataParams(_Section):
@@ -53,8 +69,8 @@ class DataParams(_Section):
     data_files: str | list[str] | None = None
     split: str = "train"
     prompt_field: str = Field("prompt", min_length=1)
-    num_prompts: int | None = Field(None, ge=2, description="train + test prompts drawn (seeded); null: all")
-    test_size: int = Field(100, ge=1, description="held-out test prompts, never trained on")
+    num_prompts: Int | None = Field(228, ge=2, description="train + test prompts drawn (seeded); null: all")
+    test_size: Int = Field(100, ge=1, description="held-out test prompts, never trained on")
 
     @model_validator(mode="after")
     def _check_source(self) -> "DataParams":
@@ -82,21 +98,21 @@ class SamplingParams(_Section):
     """How responses are sampled from a policy: shared by ``generate`` and ``evaluate``."""
 
     backend: Literal["transformers", "vllm"] = "transformers"
-    num_responses: int = Field(1, ge=1, description="responses per prompt")
-    max_new_tokens: int = Field(256, gt=0, description="tokens")
-    temperature: float = Field(0.8, ge=0, description="0 = greedy decoding")
-    top_p: float = Field(0.9, gt=0, le=1)
-    batch_size: int = Field(64, gt=0, description="sequences (prompt x response) per forward pass")
+    num_responses: Int = Field(1, ge=1, description="responses per prompt")
+    max_new_tokens: Int = Field(256, gt=0, description="tokens")
+    temperature: Number = Field(0.8, ge=0, description="0 = greedy decoding")
+    top_p: Number = Field(0.9, gt=0, le=1)
+    batch_size: Int = Field(64, gt=0, description="sequences (prompt x response) per forward pass")
     dtype: Dtype = "auto"
-    tensor_parallel_size: int = Field(1, ge=1, description="vllm only")
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm only")
+    tensor_parallel_size: Int = Field(1, ge=1, description="vllm only")
+    gpu_memory_utilization: Number = Field(0.9, gt=0, le=1, description="vllm only")
 
 
 class GenerateParams(SamplingParams):
     """Sampling of responses per prompt (REBEL recipe, part 1)."""
 
-    num_responses: int = Field(4, ge=2, description="responses per prompt (a pair needs two)")
-    temperature: float = Field(0.8, gt=0, description="a pair needs two different responses: no greedy")
+    num_responses: Int = Field(4, ge=2, description="responses per prompt (a pair needs two)")
+    temperature: Number = Field(0.8, gt=0, description="a pair needs two different responses: no greedy")
 
 
 class IFEvalOptions(_Section):
@@ -108,16 +124,16 @@ class SequenceClassificationOptions(_Section):
 
     model: str = Field(..., min_length=1, description="Hub id or local folder, e.g. RLHFlow/ArmoRM-Llama3-8B-v0.1")
     revision: str | None = None
-    trust_remote_code: bool = False
+    trust_remote_code: Bool = False
     score_attribute: str | None = Field(
         None, description="output attribute holding the reward (ArmoRM: 'score'); default: the one logit")
-    batch_size: int = Field(8, gt=0, description="conversations per forward pass")
-    max_length: int = Field(4096, gt=0, description="tokens; longer conversations are truncated (counted)")
+    batch_size: Int = Field(8, gt=0, description="conversations per forward pass")
+    max_length: Int = Field(4096, gt=0, description="tokens; longer conversations are truncated (counted)")
     dtype: Dtype = "auto"
 
 
 class _Scorer(_Section):
-    weight: float = Field(1.0, description="the reward is the weighted sum of the scorers' values")
+    weight: Number = Field(1.0, description="the reward is the weighted sum of the scorers' values")
 
     @model_validator(mode="after")
     def _finite_weight(self):
@@ -147,8 +163,8 @@ class RewardParams(_Section):
     """How responses are scored (REBEL recipe, part 2)."""
 
     scorers: list[Scorer] = Field(default_factory=lambda: [IFEvalScorer(name="ifeval")], min_length=1)
-    missing_eos_penalty: float | None = Field(
-        None, gt=0, description="subtracted from the training reward of a response cut at max_new_tokens "
+    missing_eos_penalty: Number | None = Field(
+        1.0, gt=0, description="subtracted from the training reward of a response cut at max_new_tokens "
                                 "(TRL's missing_eos_penalty; REBEL's non-EOS penalty); evaluate never applies it")
 
     @model_validator(mode="after")
@@ -162,9 +178,9 @@ class RewardParams(_Section):
 class PairsParams(_Section):
     """Filtering and tokenizing chosen/rejected pairs (REBEL recipe, part 3)."""
 
-    max_prompt_tokens: int = Field(1024, gt=0, description="tokens, chat template and generation prompt included")
-    max_response_tokens: int = Field(2048, gt=0, description="tokens, end-of-turn token included")
-    min_reward_gap: float = Field(
+    max_prompt_tokens: Int = Field(1024, gt=0, description="tokens, chat template and generation prompt included")
+    max_response_tokens: Int = Field(2048, gt=0, description="tokens, end-of-turn token included")
+    min_reward_gap: Number = Field(
         0.0, ge=0, description="drop pairs whose reward gap is below this; exact ties are always dropped")
 
 
@@ -172,30 +188,33 @@ class TrainParams(_Section):
     """Policy optimisation (REBEL recipe, part 4), optimiser defaults as in the REBEL reference."""
 
     loss: Literal["rebel", "dpo", "ipo", "simpo"] = "rebel"
-    eta: float = Field(1.0, gt=0, description="REBEL η: the log-ratio gap is regressed onto η × reward gap")
-    dpo_beta: float = Field(0.1, gt=0)
-    ipo_tau: float = Field(0.1, gt=0)
-    simpo_beta: float = Field(2.0, gt=0)
-    simpo_gamma: float = Field(0.5, ge=0)
-    temperature: float = Field(
-        0.8, gt=0, description="logits are divided by it for log-probs, as in the REBEL reference "
-        "(the sampling temperature)")
-    learning_rate: float = Field(3e-6, gt=0)
-    epochs: int = Field(1, ge=1)
-    total_episodes: int | None = Field(None, ge=1, description="pairs seen in training; null: pairs x epochs")
-    per_device_train_batch_size: int = Field(4, ge=1, description="pairs per micro-batch")
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    max_grad_norm: float = Field(1.0, gt=0)
-    weight_decay: float = Field(1e-6, ge=0)
-    adam_beta1: float = Field(0.9, ge=0, lt=1)
-    adam_beta2: float = Field(0.95, ge=0, lt=1)
-    adam_eps: float = Field(1e-8, gt=0)
-    gradient_checkpointing: bool = False
-    save_every: int = Field(10, ge=1, description="updates between resumable checkpoints")
+    eta: Number = Field(1.0, gt=0, description="REBEL η: the log-ratio gap is regressed onto η × reward gap")
+    dpo_beta: Number = Field(0.1, gt=0)
+    ipo_tau: Number = Field(0.1, gt=0)
+    simpo_beta: Number = Field(2.0, gt=0)
+    simpo_gamma: Number = Field(0.5, ge=0)
+    temperature: Number | None = Field(
+        None, gt=0, description="logits are divided by it for log-probs, as in the REBEL reference; "
+        "null: generate.temperature, the temperature the responses were sampled at")
+    allow_temperature_mismatch: Bool = Field(
+        False, description="accept a train.temperature other than generate.temperature (log-probs of "
+        "another distribution than the one sampled)")
+    learning_rate: Number = Field(6e-5, gt=0, description="tuned with dvc exp run (README)")
+    epochs: Int = Field(1, ge=1)
+    total_episodes: Int | None = Field(None, ge=1, description="pairs seen in training; null: pairs x epochs")
+    per_device_train_batch_size: Int = Field(2, ge=1, description="pairs per micro-batch")
+    gradient_accumulation_steps: Int = Field(2, ge=1, description="micro-batches per update")
+    warmup_ratio: Number = Field(0.1, ge=0, lt=1)
+    max_grad_norm: Number = Field(1.0, gt=0)
+    weight_decay: Number = Field(1e-6, ge=0)
+    adam_beta1: Number = Field(0.9, ge=0, lt=1)
+    adam_beta2: Number = Field(0.95, ge=0, lt=1)
+    adam_eps: Number = Field(1e-8, gt=0)
+    gradient_checkpointing: Bool = False
+    save_every: Int = Field(10, ge=1, description="updates between resumable checkpoints")
     dtype: Dtype = "auto"
-    logprob_batch_size: int = Field(8, gt=0, description="sequences per no-grad log-prob forward pass")
-    mlflow_live: bool = Field(False, description="stream each update's metrics to MLflow while training")
+    logprob_batch_size: Int = Field(8, gt=0, description="sequences per no-grad log-prob forward pass")
+    mlflow_live: Bool = Field(False, description="stream each update's metrics to MLflow while training")
 
 
 class EvaluateParams(_Section):
@@ -204,14 +223,15 @@ class EvaluateParams(_Section):
     Sampling settings left null are those of ``generate``.
     """
 
-    num_responses: int = Field(1, ge=1, description="responses per test prompt and policy")
-    max_new_tokens: int | None = Field(None, gt=0, description="tokens; null: generate.max_new_tokens")
-    temperature: float | None = Field(None, ge=0, description="0 = greedy; null: generate.temperature")
-    top_p: float | None = Field(None, gt=0, le=1, description="null: generate.top_p")
-    batch_size: int | None = Field(None, gt=0, description="null: generate.batch_size")
-    bootstrap_samples: int = Field(10_000, ge=100, description="resamples of the test prompts")
-    confidence: float = Field(0.95, gt=0, lt=1, description="level of the bootstrap intervals")
-    logprob_batch_size: int = Field(8, gt=0, description="sequences per no-grad forward pass (KL estimate)")
+    num_responses: Int = Field(1, ge=1, description="responses per test prompt and policy")
+    max_new_tokens: Int | None = Field(None, gt=0, description="tokens; null: generate.max_new_tokens")
+    temperature: Number | None = Field(0, ge=0, description="0 = greedy (as IFEval is reported); "
+                                       "null: generate.temperature")
+    top_p: Number | None = Field(None, gt=0, le=1, description="null: generate.top_p")
+    batch_size: Int | None = Field(None, gt=0, description="null: generate.batch_size")
+    bootstrap_samples: Int = Field(10_000, ge=100, description="resamples of the test prompts")
+    confidence: Number = Field(0.95, gt=0, lt=1, description="level of the bootstrap intervals")
+    logprob_batch_size: Int = Field(8, gt=0, description="sequences per no-grad forward pass (KL estimate)")
 
     def sampling(self, generate: GenerateParams) -> SamplingParams:
         """The generation settings of the evaluation: ``generate``'s, overridden where set here."""
@@ -224,16 +244,50 @@ class EvaluateParams(_Section):
 
 
 class Params(_Section):
-    """The whole of ``params.yaml``."""
+    """The whole of ``params.yaml``.
 
-    seed: int = Field(42, ge=0, lt=2**32)
-    policy: PolicyParams = PolicyParams()
-    data: DataParams = DataParams()
-    generate: GenerateParams = GenerateParams()
-    reward: RewardParams = RewardParams()
-    pairs: PairsParams = PairsParams()
-    train: TrainParams = TrainParams()
-    evaluate: EvaluateParams = EvaluateParams()
+    Every section is required: a missing section (or an empty file) is an error, never a silent
+    run on defaults. Within a section the schema's defaults are those of the committed
+    ``params.yaml`` (``tests/test_params.py`` checks that they are equal), so there is one set of
+    defaults.
+    """
+
+    seed: Int = Field(..., ge=0, lt=2**32)
+    policy: PolicyParams
+    data: DataParams
+    generate: GenerateParams
+    reward: RewardParams
+    pairs: PairsParams
+    train: TrainParams
+    evaluate: EvaluateParams
+
+    @model_validator(mode="after")
+    def _logprobs_of_the_sampled_distribution(self) -> "Params":
+        t, g = self.train.temperature, self.generate.temperature
+        if t is not None and t != g and not self.train.allow_temperature_mismatch:
+            raise ValueError(
+                f"train.temperature: {t} differs from generate.temperature {g}: the log-probs of training "
+                "would be those of another distribution than the one the responses were sampled from "
+                "(REBEL divides the logits by the sampling temperature). Set train.temperature to null "
+                "(= generate.temperature), or train.allow_temperature_mismatch: true if this is intended")
+        return self
+
+    def logprob_temperature(self) -> float:
+        """The temperature log-probs are taken at: ``train.temperature``, or when null the sampling
+        temperature ``generate.temperature``."""
+        return self.train.temperature if self.train.temperature is not None else self.generate.temperature
+
+
+#: What an error message may show of a rejected value: a YAML alias bomb expands to gigabytes
+#: under ``repr``, and a message has no use for more than its start.
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxdict, _SHORT.maxset = 2, 4, 4, 4, 4
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 60, 60, 40
+
+
+def short_repr(value: object) -> str:
+    """``repr`` of a value bounded to about 200 characters, however large or deeply nested it is."""
+    return _SHORT.repr(value)[:200]
 
 
 def _format_errors(source: str, exc: ValidationError) -> str:
@@ -248,8 +302,10 @@ def _format_errors(source: str, exc: ValidationError) -> str:
         key = ".".join(loc) or "(top level)"
         if err["type"] == "extra_forbidden":
             lines.append(f"{source}: unknown key {key}")
+        elif err["type"] == "missing":
+            lines.append(f"{source}: {key}: missing (params.yaml needs every section; see the committed one)")
         else:
-            got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+            got = f" (got {short_repr(err['input'])})" if "input" in err and not isinstance(err["input"], dict) else ""
             lines.append(f"{source}: {key}: {msg}{got}")
     return "\n".join(lines)
 
@@ -261,13 +317,31 @@ def parse_params(raw: object, source: str = PARAMS_FILE) -> Params:
         PipelineError: one message listing each bad key as ``section.key: reason``.
     """
     if raw is None:
-        raw = {}
+        raise PipelineError(f"{source}: the file is empty; every section ({', '.join(Params.model_fields)}) is needed")
     if not isinstance(raw, dict):
         raise PipelineError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
         raise PipelineError(_format_errors(source, exc)) from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps
+    the last silently; DVC rejects such a file)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {short_repr(key)}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _UniqueKeyLoader.construct_mapping)
 
 
 def load_params(path: str | os.PathLike = PARAMS_FILE) -> Params:
@@ -283,7 +357,7 @@ def load_params(path: str | os.PathLike = PARAMS_FILE) -> Params:
     except FileNotFoundError:
         raise PipelineError(f"{p}: params file not found") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as exc:
         raise PipelineError(f"{p}: not valid YAML ({exc})") from None
     return parse_params(raw, str(p))

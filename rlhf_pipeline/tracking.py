@@ -9,6 +9,7 @@ only the ``report`` stage (and ``train`` with ``train.mlflow_live``) need it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -65,6 +66,26 @@ def check_reachable(uri: str, timeout: float = 10.0) -> None:
         raise PipelineError(f"MLFLOW_TRACKING_URI={uri}: the tracking server does not answer ({exc}). "
                             "The stage outputs are written; start the server (or unset MLFLOW_TRACKING_URI "
                             "for the local mlflow.db) and rerun `dvc repro`, which reruns only this stage") from None
+
+
+@contextlib.contextmanager
+def server_errors(uri: str):
+    """Turn a tracking server's failure (it answers ``/health`` but its API errs, or the connection
+    drops half-way) into one :class:`PipelineError` line: the DVC outputs are already written, so
+    nothing is lost, and the next ``dvc repro`` reruns only ``report``.
+
+    Raises:
+        PipelineError: naming the URI and the server's first line of complaint.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except (MlflowException, OSError, ConnectionError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise PipelineError(f"MLFLOW_TRACKING_URI={uri}: the tracking server failed ({type(exc).__name__}: {first}). "
+                            "The stage outputs are written; fix the server and rerun `dvc repro`, which reruns "
+                            "only this stage") from None
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -127,6 +148,10 @@ def _client_and_experiment(root: Path):
     uri, explicit = tracking_uri(root)
     if explicit:
         check_reachable(uri)
+        # MLflow's HTTP client retries a failing call 7 times with exponential back-off (minutes);
+        # a server that fails should fail the stage in seconds. A user's own setting wins.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     client = MlflowClient(tracking_uri=uri)
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
     exp = client.get_experiment_by_name(name)
@@ -167,8 +192,14 @@ def log_pipeline_run(params: dict[str, Any], stage_metrics: dict[str, dict], cur
         the run id.
 
     Raises:
-        PipelineError: an explicitly set tracking server does not answer (checked before logging).
+        PipelineError: an explicitly set tracking server does not answer (checked before logging),
+            or its API fails (:func:`server_errors`); one line either way.
     """
+    with server_errors(tracking_uri(root)[0]):
+        return _log_pipeline_run(params, stage_metrics, curve, artifacts, plots, root, lock_path)
+
+
+def _log_pipeline_run(params, stage_metrics, curve, artifacts, plots, root, lock_path) -> str:
     from mlflow.entities import Metric, RunStatus
 
     client, experiment_id = _client_and_experiment(root)
@@ -195,7 +226,8 @@ def log_pipeline_run(params: dict[str, Any], stage_metrics: dict[str, dict], cur
         for file_name, figure in plots.items():
             client.log_figure(run_id, figure, f"plots/{file_name}")
     except Exception:
-        client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+        with contextlib.suppress(Exception):  # the server that failed may fail this too
+            client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
         raise
     client.set_terminated(run_id)
     log.info("MLflow run %s (%s) in %s", run_id, name, client.tracking_uri)
@@ -210,17 +242,31 @@ class LiveRun:
     would claim results it does not have.
 
     Raises:
-        PipelineError: an explicitly set tracking server does not answer (at creation, before
-            training starts).
+        PipelineError: an explicitly set tracking server does not answer, or its API fails (at
+            creation, before training starts). Later failures only stop the streaming: training
+            goes on, and its log is in ``metrics/train_log.tsv`` and the ``report`` run.
     """
 
     def __init__(self, params: dict[str, Any], root: Path | None = None):
         root = root or project_root()
-        self.client, experiment_id = _client_and_experiment(root)
-        tags = {**run_tags(root), "rlhf.stage": "train-live"}
-        name = f"{tags.get('dvc_exp_name') or 'repro-' + tags['git_commit'][:8]}-train-live"
-        self.run_id = self.client.create_run(experiment_id, run_name=name).info.run_id
-        _log_in_batches(self.client, self.run_id, flatten(params), [], tags)
+        self.uri = tracking_uri(root)[0]
+        self.failed = False
+        with server_errors(self.uri):
+            self.client, experiment_id = _client_and_experiment(root)
+            tags = {**run_tags(root), "rlhf.stage": "train-live"}
+            name = f"{tags.get('dvc_exp_name') or 'repro-' + tags['git_commit'][:8]}-train-live"
+            self.run_id = self.client.create_run(experiment_id, run_name=name).info.run_id
+            _log_in_batches(self.client, self.run_id, flatten(params), [], tags)
+
+    def _call(self, fn, *args, **kwargs) -> None:
+        if self.failed:
+            return
+        try:
+            with server_errors(self.uri):
+                fn(*args, **kwargs)
+        except PipelineError as exc:
+            self.failed = True
+            log.warning("live MLflow metrics stopped: %s", exc)
 
     def log_update(self, row: dict[str, Any]) -> None:
         """Log one update's row of ``metrics/train_log.tsv`` at step ``row["update"]``."""
@@ -230,8 +276,8 @@ class LiveRun:
 
         now = int(time.time() * 1000)
         step = int(row["update"])
-        self.client.log_batch(self.run_id, metrics=[Metric(f"train_log.{k}", float(v), now, step)
-                                                    for k, v in row.items() if k != "update"])
+        self._call(self.client.log_batch, self.run_id, metrics=[Metric(f"train_log.{k}", float(v), now, step)
+                                                                for k, v in row.items() if k != "update"])
 
     def finish(self, ok: bool = True) -> None:
-        self.client.set_terminated(self.run_id, "FINISHED" if ok else "FAILED")
+        self._call(self.client.set_terminated, self.run_id, "FINISHED" if ok else "FAILED")

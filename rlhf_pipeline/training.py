@@ -5,15 +5,21 @@ the REBEL reference: AdamW (β1 0.9, β2 0.95, eps 1e-8, weight decay 1e-6), cos
 warm-up, gradient clipping, ``batch size = per_device_train_batch_size × gradient_accumulation_steps
 × world_size`` pairs per update, ``num_updates = total_episodes // batch size``.
 
-accelerate runs the same code as one CPU process or under ``accelerate launch`` on GPUs (DeepSpeed
-ZeRO-3 config in ``envs/accelerate/``), and saves/restores resumable state: model, optimizer,
-scheduler, RNG and the data position (the update count; the episode order is a pure function of
-the seed, so the position is all that is needed).
+accelerate runs the same code as one CPU process or under ``accelerate launch`` (DDP, or DeepSpeed
+ZeRO-3 with the config in ``envs/accelerate/``). Gradient accumulation is accelerate's own
+(``Accelerator(gradient_accumulation_steps=…)``, ``accumulate()``, ``sync_gradients``): it skips
+the DDP all-reduce on all but the last micro-batch, divides the loss once (DeepSpeed divides it
+itself and steps its engine only at the boundary), and clipping at ``max_grad_norm`` is applied
+once per update (by accelerate, or by DeepSpeed's ``gradient_clipping``).
+
+Resumable state: model (safetensors), optimizer and RNG through accelerate (read back with
+``torch.load(weights_only=True)``, which cannot run code), and the scheduler, update count and
+log rows as JSON (``progress.json``). The episode order is a pure function of the seed, so the
+update count is all the data position needed.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -36,6 +42,20 @@ log = logging.getLogger(__name__)
 
 TRAIN_LOG_COLUMNS = ("update", "episodes", "loss", "learning_rate", "grad_norm", "kl_chosen", "kl_rejected",
                      "predicted_reward_gap", "target_reward_gap", "sign_agreement", "tokens_per_second", "seconds")
+
+
+def use_cpu() -> bool:
+    """Train on the CPU when there is no CUDA device. Every accelerate state of the process must be
+    created with this same flag: a ``PartialState()`` made first without it pins a one-process state
+    under ``accelerate launch`` on CPU."""
+    return not torch.cuda.is_available()
+
+
+def is_main_process() -> bool:
+    """Whether this is the process that writes outputs (rank 0 under ``accelerate launch``)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=use_cpu()).is_main_process
 
 
 def check_reference(pairs: pa.Table, ref: pa.Table, where: str) -> None:
@@ -64,14 +84,16 @@ def episode_order(num_pairs: int, total_episodes: int, seed: int) -> list[int]:
     return order[:total_episodes]
 
 
-def inputs_fingerprint(files: list[Path], cfg: TrainParams, seed: int) -> str:
+def inputs_fingerprint(files: list[Path], cfg: TrainParams, seed: int, temperature: float) -> str:
     """SHA-256 of the training inputs and settings; a checkpoint is resumed only if it matches.
 
     The settings are the ``train.*`` keys the stage declares in dvc.yaml (not ``logprob_batch_size``,
-    read by ``ref_logprobs`` only, nor ``mlflow_live``, which changes no weight).
+    read by ``ref_logprobs`` only, nor ``mlflow_live``, which changes no weight) and the log-prob
+    temperature they resolve to.
     """
-    settings = cfg.model_dump(exclude={"mlflow_live", "logprob_batch_size"})
-    h = hashlib.sha256(json.dumps({"train": settings, "seed": seed}, sort_keys=True).encode())
+    settings = cfg.model_dump(exclude={"mlflow_live", "logprob_batch_size", "allow_temperature_mismatch"})
+    h = hashlib.sha256(json.dumps({"train": settings, "seed": seed, "temperature": temperature},
+                                  sort_keys=True).encode())
     for f in files:
         with open(f, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 24), b""):
@@ -79,19 +101,56 @@ def inputs_fingerprint(files: list[Path], cfg: TrainParams, seed: int) -> str:
     return h.hexdigest()
 
 
-class _Progress:
-    """Updates done and the log so far: saved with accelerate's state, so a resumed run knows
-    where it stands in the episode order."""
+PROGRESS_FILE = "progress.json"
 
-    def __init__(self):
-        self.update = 0
-        self.rows: list[dict] = []
 
-    def state_dict(self):
-        return {"update": self.update, "rows": self.rows}
+def _save_checkpoint(accelerator, incoming: Path, latest: Path, fingerprint: str, progress: dict) -> None:
+    """Save model, optimizer and RNG (accelerate) and ``progress`` (JSON) to ``incoming``, then
+    make it ``latest`` in one rename: a kill during the save leaves the previous checkpoint."""
+    accelerator.save_state(str(incoming))
+    if accelerator.is_main_process:
+        (incoming / PROGRESS_FILE).write_text(json.dumps(progress, sort_keys=True))
+        (incoming / "fingerprint").write_text(fingerprint)
+        shutil.rmtree(latest, ignore_errors=True)
+        os.replace(incoming, latest)
+    accelerator.wait_for_everyone()
 
-    def load_state_dict(self, state):
-        self.update, self.rows = state["update"], list(state["rows"])
+
+def _load_checkpoint(accelerator, latest: Path) -> dict:
+    """Restore what :func:`_save_checkpoint` saved; returns the progress dict.
+
+    Raises:
+        PipelineError: the checkpoint cannot be read safely (a file that is not plain tensors and
+            numbers: ``weights_only`` refuses to unpickle it, and nothing in it runs).
+    """
+    try:
+        accelerator.load_state(str(latest))
+    except Exception as exc:  # torch's UnpicklingError, safetensors' errors, a missing file
+        raise PipelineError(f"{latest}: the training checkpoint cannot be loaded safely ({type(exc).__name__}: "
+                            f"{str(exc)[:200]}); delete the folder to start the stage afresh") from None
+    return json.loads((latest / PROGRESS_FILE).read_text())
+
+
+def _check_finite(update: int, loss: float, grad_norm: float) -> None:
+    """Stop before the optimizer step if the update's loss or gradient norm is NaN or infinite.
+
+    Raises:
+        PipelineError: naming the update; no weights are written.
+    """
+    if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+        raise PipelineError(f"train: update {update} has loss {loss} and gradient norm {grad_norm}; stopping "
+                            "before the optimizer step, so no model with non-finite weights is written "
+                            "(check the rewards and log-probs, or lower train.learning_rate)")
+
+
+def _update_terms(loss, pc, pr, rc, rr, gc, gr, eta: float, weight: float) -> torch.Tensor:
+    """One micro-batch's share of the logged figures: loss, KL of chosen and rejected
+    (mean log πθ − log π0, nats), predicted and target reward gap, sign agreement; (6,), no grad."""
+    with torch.no_grad():
+        predicted = ((pc - rc) - (pr - rr)) / eta
+        target = gc - gr
+        return weight * torch.stack([loss, (pc - rc).mean(), (pr - rr).mean(), predicted.mean(), target.mean(),
+                                     (torch.sign(predicted) == torch.sign(target)).float().mean()]).detach().float()
 
 
 def _pair_loss(cfg: TrainParams, pc, pr, rc, rr, reward_c, reward_r, len_c, len_r) -> torch.Tensor:
@@ -106,19 +165,23 @@ def _pair_loss(cfg: TrainParams, pc, pr, rc, rr, reward_c, reward_r, len_c, len_
 
 def train_policy(model_dir: str | os.PathLike, pairs: pa.Table, ref: pa.Table, cfg: TrainParams, seed: int,
                  out_dir: str | os.PathLike, checkpoint_dir: str | os.PathLike, fingerprint: str,
-                 progress: bool = True, on_update: Callable[[dict], None] | None = None) -> tuple[list[dict], dict]:
+                 progress: bool = True, on_update: Callable[[dict], None] | None = None,
+                 temperature: float | None = None) -> tuple[list[dict], dict]:
     """Train the policy from ``model_dir`` on ``pairs`` and save it to ``out_dir``.
 
     Resumes from ``checkpoint_dir`` when it holds a checkpoint with the same ``fingerprint``
     (same inputs and settings), and ends with the weights an uninterrupted run would have.
     ``on_update`` receives each update's log row on the main process (live MLflow metrics).
+    ``temperature``: logits are divided by it for the log-probs (default ``cfg.temperature``,
+    else 1); the stage passes the sampling temperature (``Params.logprob_temperature``).
 
     Returns:
         (one dict per update with ``TRAIN_LOG_COLUMNS``, summary for ``metrics/train.json``).
 
     Raises:
-        PipelineError: empty or mismatched inputs, a sequence longer than the model's context, or
-            fewer episodes than one batch.
+        PipelineError: empty or mismatched inputs, a sequence longer than the model's context,
+            fewer episodes than one batch, a checkpoint that cannot be loaded safely, or a
+            non-finite loss or gradient norm (before that update's optimizer step; nothing saved).
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -127,15 +190,18 @@ def train_policy(model_dir: str | os.PathLike, pairs: pa.Table, ref: pa.Table, c
     from rlhf_pipeline.models import default_device, load_policy, load_tokenizer, resolve_dtype
     from rlhf_pipeline.outputs import atomic_dir
 
-    check_reference(pairs, ref, "data/pairs.parquet / data/ref_logprobs.parquet")
+    check_reference(pairs, ref, "the pairs and reference log-prob files")
+    temperature = temperature or cfg.temperature or 1.0
     dtype = resolve_dtype(cfg.dtype, default_device())
     # accelerate keeps one state per process: create the Accelerator once, with its final settings.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                              mixed_precision="bf16" if dtype == torch.bfloat16 else "no")
+    accelerator = Accelerator(cpu=use_cpu(),
+                              mixed_precision="bf16" if dtype == torch.bfloat16 else "no",
+                              gradient_accumulation_steps=cfg.gradient_accumulation_steps)
     if accelerator.state.deepspeed_plugin is not None:  # no dataloader is prepared: tell DeepSpeed
         ds = accelerator.state.deepspeed_plugin.deepspeed_config
         ds["train_micro_batch_size_per_gpu"] = cfg.per_device_train_batch_size
         ds["gradient_accumulation_steps"] = cfg.gradient_accumulation_steps
+        ds["gradient_clipping"] = cfg.max_grad_norm  # DeepSpeed clips inside its step
     world, rank = accelerator.num_processes, accelerator.process_index
     batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
     total = cfg.total_episodes or pairs.num_rows * cfg.epochs
@@ -153,7 +219,7 @@ def train_policy(model_dir: str | os.PathLike, pairs: pa.Table, ref: pa.Table, c
     set_seed(seed)
     tok = load_tokenizer(model_dir)
     model = load_policy(model_dir, torch.float32, accelerator.device)
-    check_context_length(lengths, getattr(model.config, "max_position_embeddings", None), "data/pairs.parquet")
+    check_context_length(lengths, getattr(model.config, "max_position_embeddings", None), "the pairs file")
     model.train()
     for module in model.modules():  # dropout off: log-probs must be those of the policy itself
         if isinstance(module, torch.nn.Dropout):
@@ -166,13 +232,12 @@ def train_policy(model_dir: str | os.PathLike, pairs: pa.Table, ref: pa.Table, c
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * num_updates), num_updates)
+    # The scheduler is not prepared: accelerate's wrapper would step it once per process.
     model, optimizer = accelerator.prepare(model, optimizer)
-    state = _Progress()
-    accelerator.register_for_checkpointing(scheduler, state)
 
     ckpt = Path(checkpoint_dir)
     latest, incoming = ckpt / "latest", ckpt / "incoming"
-    resumed_from = 0
+    done, rows = 0, []
     if accelerator.is_main_process:
         shutil.rmtree(incoming, ignore_errors=True)  # a save that was killed half-way
         if latest.is_dir() and (latest / "fingerprint").read_text() != fingerprint:
@@ -180,63 +245,62 @@ def train_policy(model_dir: str | os.PathLike, pairs: pa.Table, ref: pa.Table, c
             shutil.rmtree(latest)
     accelerator.wait_for_everyone()
     if (latest / "fingerprint").is_file():
-        accelerator.load_state(str(latest))
-        resumed_from = state.update
-        log.info("resumed from update %d of %d", resumed_from, num_updates)
+        state = _load_checkpoint(accelerator, latest)
+        scheduler.load_state_dict(state["scheduler"])
+        done, rows = state["update"], state["rows"]
+        log.info("resumed from update %d of %d", done, num_updates)
+    resumed_from = done
 
     order = episode_order(pairs.num_rows, num_updates * batch, seed)
     t_start = time.perf_counter()
     pad = tok.pad_token_id
-    for u in range(state.update, num_updates):
+    for u in range(done, num_updates):
         t0 = time.perf_counter()
         mine = order[u * batch:(u + 1) * batch][rank::world]
+        # per_device_train_batch_size x gradient_accumulation_steps pairs: exactly that many
+        # micro-batches, so accelerate's step count reaches its sync point at the last one.
         micro = [[mine[i] for i in group] for group in
                  length_grouped_batches([lengths[i] for i in mine], cfg.per_device_train_batch_size)]
         sums = torch.zeros(6)  # loss, kl_c, kl_r, predicted gap, target gap, sign agreement (pair-weighted)
         tokens = 0
-        for k, idx in enumerate(micro):
-            sync = contextlib.nullcontext() if k == len(micro) - 1 else accelerator.no_sync(model)
-            with sync, accelerator.autocast():
+        grad_norm = float("nan")
+        for idx in micro:
+            with accelerator.accumulate(model), accelerator.autocast():
                 logps = sequence_logprobs(model, [prompts[i] for i in idx] * 2,
-                                          [chosen[i] for i in idx] + [rejected[i] for i in idx], pad, cfg.temperature)
+                                          [chosen[i] for i in idx] + [rejected[i] for i in idx], pad, temperature)
                 pc, pr = logps[: len(idx)], logps[len(idx):]
                 rc, rr = ref_c[idx].to(pc.device), ref_r[idx].to(pc.device)
                 gc, gr = reward_c[idx].to(pc.device), reward_r[idx].to(pc.device)
                 lc = torch.tensor([len(chosen[i]) for i in idx], dtype=torch.float32, device=pc.device)
                 lr_ = torch.tensor([len(rejected[i]) for i in idx], dtype=torch.float32, device=pc.device)
                 loss = _pair_loss(cfg, pc, pr, rc, rr, gc, gr, lc, lr_)
-                accelerator.backward(loss * len(idx) / len(mine))
-            with torch.no_grad():
-                predicted = ((pc - rc) - (pr - rr)) / cfg.eta
-                target = gc - gr
-                w = len(idx) / len(mine)
-                sums += w * torch.stack([loss, (pc - rc).mean(), (pr - rr).mean(), predicted.mean(), target.mean(),
-                                         (torch.sign(predicted) == torch.sign(target)).float().mean()]).detach().cpu()
+                accelerator.backward(loss)  # divided by the accumulation steps there (or by DeepSpeed)
+                if accelerator.sync_gradients:
+                    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+                    reduced = accelerator.reduce(sums.to(accelerator.device) + _update_terms(
+                        loss, pc, pr, rc, rr, gc, gr, cfg.eta, len(idx) / len(mine)), "mean").cpu()
+                    _check_finite(u + 1, float(reduced[0]), grad_norm)
+                optimizer.step()  # accelerate's wrapper steps only when gradients are synced
+                optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                sums += _update_terms(loss, pc, pr, rc, rr, gc, gr, cfg.eta, len(idx) / len(mine)).cpu()
             tokens += sum(2 * len(prompts[i]) + len(chosen[i]) + len(rejected[i]) for i in idx)
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        if not accelerator.sync_gradients:
+            raise RuntimeError(f"update {u + 1}: accumulation ended off its sync point")  # a bug, not bad input
         lr_now = scheduler.get_last_lr()[0]
-        optimizer.step()
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        sums = accelerator.reduce(sums.to(accelerator.device), "mean").cpu()
         seconds = time.perf_counter() - t0
-        row = dict(zip(TRAIN_LOG_COLUMNS, [u + 1, (u + 1) * batch, *[float(x) for x in sums[:1]], lr_now,
-                                            float(grad_norm), *[float(x) for x in sums[1:]],
-                                            tokens * world / seconds, seconds]))
-        state.rows.append(row)
-        state.update = u + 1
+        row = dict(zip(TRAIN_LOG_COLUMNS, [u + 1, (u + 1) * batch, float(reduced[0]), lr_now, grad_norm,
+                                            *[float(x) for x in reduced[1:]], tokens * world / seconds, seconds]))
+        rows.append(row)
         if on_update is not None and accelerator.is_main_process:
             on_update(row)
         if progress and accelerator.is_main_process:
             log.info("update %d/%d loss %.4f kl %.3f/%.3f grad %.3f", u + 1, num_updates, row["loss"],
                      row["kl_chosen"], row["kl_rejected"], row["grad_norm"])
-        if state.update % cfg.save_every == 0 and state.update < num_updates:
-            accelerator.save_state(str(incoming))
-            if accelerator.is_main_process:
-                (incoming / "fingerprint").write_text(fingerprint)
-                shutil.rmtree(latest, ignore_errors=True)
-                os.replace(incoming, latest)
-            accelerator.wait_for_everyone()
+        if (u + 1) % cfg.save_every == 0 and u + 1 < num_updates:
+            _save_checkpoint(accelerator, incoming, latest, fingerprint,
+                             {"update": u + 1, "rows": rows, "scheduler": scheduler.state_dict()})
 
     accelerator.wait_for_everyone()
     weights = accelerator.get_state_dict(model)  # every process: ZeRO-3 gathers the shards here
@@ -249,7 +313,6 @@ def train_policy(model_dir: str | os.PathLike, pairs: pa.Table, ref: pa.Table, c
             tok.save_pretrained(tmp)
         shutil.rmtree(ckpt, ignore_errors=True)
     seconds = time.perf_counter() - t_start
-    rows = state.rows
     summary = {"pairs": pairs.num_rows, "updates": num_updates, "episodes": num_updates * batch, "batch_size": batch,
                "world_size": world, "loss": cfg.loss, "final_loss": rows[-1]["loss"],
                "final_kl_chosen": rows[-1]["kl_chosen"], "final_kl_rejected": rows[-1]["kl_rejected"],

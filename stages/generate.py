@@ -4,7 +4,7 @@ import pyarrow as pa
 
 from rlhf_pipeline.cli import peak_rss_mb, run_stage
 from rlhf_pipeline.generation import run_generation
-from rlhf_pipeline.outputs import read_parquet, write_json, write_parquet
+from rlhf_pipeline.outputs import output_group, read_parquet, write_json, write_parquet
 from rlhf_pipeline.params import load_params
 
 MODEL = "models/base"
@@ -18,8 +18,9 @@ def main() -> None:
     prompts = read_parquet(PROMPTS, {"prompt_id": pa.string(), "prompt": pa.string()})
     pairs = list(zip(prompts.column("prompt_id").to_pylist(), prompts.column("prompt").to_pylist()))
     table, metrics = run_generation(MODEL, pairs, params.generate, params.seed)
-    write_parquet(table, OUT)
-    write_json({**metrics, "peak_rss_mb": peak_rss_mb()}, METRICS)
+    with output_group():
+        write_parquet(table, OUT)
+        write_json({**metrics, "peak_rss_mb": peak_rss_mb()}, METRICS)
 
 
 if __name__ == "__main__":

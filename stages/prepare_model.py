@@ -4,7 +4,7 @@ import time
 
 from rlhf_pipeline.cli import peak_rss_mb, run_stage
 from rlhf_pipeline.models import prepare_base_model
-from rlhf_pipeline.outputs import write_json
+from rlhf_pipeline.outputs import output_group, write_json
 from rlhf_pipeline.params import load_params
 
 OUT = "models/base"
@@ -14,8 +14,9 @@ METRICS = "metrics/prepare_model.json"
 def main() -> None:
     params = load_params()
     t0 = time.perf_counter()
-    facts = prepare_base_model(params.policy.model, OUT, params.policy.revision, params.policy.trust_remote_code)
-    write_json({**facts, "seconds": round(time.perf_counter() - t0, 3), "peak_rss_mb": peak_rss_mb()}, METRICS)
+    with output_group():
+        facts = prepare_base_model(params.policy.model, OUT, params.policy.revision, params.policy.trust_remote_code)
+        write_json({**facts, "seconds": round(time.perf_counter() - t0, 3), "peak_rss_mb": peak_rss_mb()}, METRICS)
 
 
 if __name__ == "__main__":

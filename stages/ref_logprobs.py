@@ -11,7 +11,7 @@ import torch
 from rlhf_pipeline.cli import peak_rss_mb, run_stage
 from rlhf_pipeline.logprobs import check_context_length, pair_logprobs
 from rlhf_pipeline.models import default_device, load_policy, load_tokenizer, resolve_dtype
-from rlhf_pipeline.outputs import read_parquet, write_json, write_parquet
+from rlhf_pipeline.outputs import output_group, read_parquet, write_json, write_parquet
 from rlhf_pipeline.params import load_params
 
 MODEL = "models/base"
@@ -35,15 +35,18 @@ def main() -> None:
     check_context_length([len(p) + max(len(c), len(r)) for p, c, r in zip(prompts, chosen, rejected)],
                          getattr(model.config, "max_position_embeddings", None), PAIRS)
     t0 = time.perf_counter()
-    ref_c, ref_r = pair_logprobs(model, prompts, chosen, rejected, tok.pad_token_id, params.train.temperature,
+    ref_c, ref_r = pair_logprobs(model, prompts, chosen, rejected, tok.pad_token_id, params.logprob_temperature(),
                                  params.train.logprob_batch_size, None if dtype == torch.float32 else dtype)
     seconds = time.perf_counter() - t0
     tokens = sum(len(p) * 2 + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected))
-    write_parquet(pa.table({"prompt_id": pairs.column("prompt_id"), "chosen_logprob": ref_c,
-                            "rejected_logprob": ref_r}, schema=REF_SCHEMA), OUT)
-    write_json({"pairs": pairs.num_rows, "seconds": round(seconds, 3), "tokens_per_second": round(tokens / seconds, 1),
-                "mean_chosen_logprob": sum(ref_c) / len(ref_c), "mean_rejected_logprob": sum(ref_r) / len(ref_r),
-                "dtype": str(dtype).removeprefix("torch."), "peak_rss_mb": peak_rss_mb()}, METRICS)
+    table = pa.table({"prompt_id": pairs.column("prompt_id"), "chosen_logprob": ref_c, "rejected_logprob": ref_r},
+                     schema=REF_SCHEMA)
+    metrics = {"pairs": pairs.num_rows, "seconds": round(seconds, 3), "tokens_per_second": round(tokens / seconds, 1),
+               "mean_chosen_logprob": sum(ref_c) / len(ref_c), "mean_rejected_logprob": sum(ref_r) / len(ref_r),
+               "dtype": str(dtype).removeprefix("torch."), "peak_rss_mb": peak_rss_mb()}
+    with output_group():
+        write_parquet(table, OUT)
+        write_json(metrics, METRICS)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import time
 import pyarrow as pa
 
 from rlhf_pipeline.cli import peak_rss_mb, run_stage
-from rlhf_pipeline.outputs import read_parquet, write_json, write_parquet
+from rlhf_pipeline.outputs import output_group, read_parquet, write_json, write_parquet
 from rlhf_pipeline.params import load_params
 from rlhf_pipeline.rewards import penalize_missing_eos, reward_summary, score_responses
 
@@ -25,8 +25,10 @@ def main() -> None:
     table, facts = score_responses([r[:3] for r in rows], prompts, params.reward, where=PROMPTS)
     table = penalize_missing_eos(table, [r[3] for r in rows], params.reward.missing_eos_penalty)
     seconds = time.perf_counter() - t0
-    write_parquet(table, OUT)
-    write_json({**reward_summary(table), **facts, "seconds": round(seconds, 3), "peak_rss_mb": peak_rss_mb()}, METRICS)
+    metrics = {**reward_summary(table), **facts, "seconds": round(seconds, 3), "peak_rss_mb": peak_rss_mb()}
+    with output_group():
+        write_parquet(table, OUT)
+        write_json(metrics, METRICS)
 
 
 if __name__ == "__main__":

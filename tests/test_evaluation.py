@@ -46,7 +46,7 @@ def test_per_prompt_means_follow_the_given_order():
 
 def test_sampling_defaults_to_generate_and_allows_greedy():
     gen = GenerateParams(temperature=0.7, top_p=0.95, max_new_tokens=99)
-    s = EvaluateParams().sampling(gen)
+    s = EvaluateParams(temperature=None).sampling(gen)  # null: as generate
     assert (s.num_responses, s.temperature, s.top_p, s.max_new_tokens) == (1, 0.7, 0.95, 99)
     g = EvaluateParams(temperature=0, num_responses=2, max_new_tokens=5).sampling(gen)
     assert (g.num_responses, g.temperature, g.max_new_tokens) == (2, 0.0, 5)

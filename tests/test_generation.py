@@ -6,9 +6,9 @@ import torch
 from transformers import TopPLogitsWarper
 
 from rlhf_pipeline.chat import prompt_token_ids
-from rlhf_pipeline.generation import (GENERATIONS_SCHEMA, Response, SeededSampler, _split_response,
-                                      generate_transformers, generate_vllm, response_seed, responses_table)
-from rlhf_pipeline.params import GenerateParams
+from rlhf_pipeline.generation import (GENERATIONS_SCHEMA, Response, SeededSampler, generate_transformers,
+                                      generate_vllm, response_seed, response_token_ids, responses_table)
+from rlhf_pipeline.params import GenerateParams, SamplingParams
 
 PROMPTS = [("p-short", "Say hi."), ("p-long", "Write a haiku about the sea, then explain it in one line."),
            ("p-mid", "Name three colours.")]
@@ -53,10 +53,10 @@ def test_sampler_rows_use_their_own_generators():
     assert batch[1] == alone[0]
 
 
-def test_split_response_stops_at_first_stop_token():
-    assert _split_response([5, 6, 2, 2, 2], {2}) == ([5, 6, 2], True)
-    assert _split_response([5, 6, 7], {2}) == ([5, 6, 7], False)
-    assert _split_response([2, 2], {2}) == ([2], True)
+def test_response_token_ids_end_with_eos_only_where_it_was_generated():
+    assert response_token_ids([5, 6, 2, 2, 2], {2}) == ([5, 6, 2], "stop")
+    assert response_token_ids([5, 6, 7], {2}) == ([5, 6, 7], "length")  # cut: no EOS appended
+    assert response_token_ids([2, 2], [2]) == ([2], "stop")
 
 
 def test_generate_rows_seeds_and_lengths(tiny_policy):
@@ -68,6 +68,11 @@ def test_generate_rows_seeds_and_lengths(tiny_policy):
         assert r.seed == response_seed(11, r.prompt_id, r.response_idx)
         assert 1 <= r.num_tokens <= 6 and r.finish_reason in {"stop", "length"}
         assert (r.num_tokens == 6) or r.finish_reason == "stop"
+        # the ids as sampled: the stop token (id 2) ends a stopped response and appears nowhere else
+        assert len(r.token_ids) == r.num_tokens and (r.token_ids[-1] == 2) == (r.finish_reason == "stop")
+        assert 2 not in r.token_ids[:-1]
+        text_ids = r.token_ids[:-1] if r.finish_reason == "stop" else r.token_ids
+        assert r.response == tok.decode(text_ids, skip_special_tokens=True)
     assert len({r.response for r in rows}) > 3  # sampling, not greedy copies
     table = responses_table(rows)
     assert table.schema == GENERATIONS_SCHEMA
@@ -125,15 +130,21 @@ def test_vllm_backend_one_seeded_request_per_response(tiny_model_dir, monkeypatc
 
         def generate(self, requests, sampling_params, use_tqdm):
             calls["requests"], calls["params"] = requests, sampling_params
-            done = lambda i: types.SimpleNamespace(outputs=[types.SimpleNamespace(
-                text=f"r{i}", token_ids=list(range(i + 1)), finish_reason="length" if i % 2 else "stop")])
-            return [done(i) for i in range(len(requests))]
+            # As vLLM answers: a response that stopped on EOS ends with it (rows 0 and 2), except
+            # where an engine leaves it out and names it in stop_reason (row 2 here).
+            outs = [dict(token_ids=[10, 2], finish_reason="stop", stop_reason=None),
+                    dict(token_ids=[10, 11], finish_reason="length", stop_reason=None),
+                    dict(token_ids=[10, 11], finish_reason="stop", stop_reason=2),
+                    dict(token_ids=[10, 11, 12, 13], finish_reason="length", stop_reason=None)]
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=f"r{i}", **o)])
+                    for i, o in enumerate(outs[:len(requests)])]
 
     monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams))
     tok = load_tokenizer(tiny_model_dir)
     cfg = GenerateParams(backend="vllm", num_responses=2, max_new_tokens=9, tensor_parallel_size=2)
     rows = generate_vllm(tiny_model_dir, tok, PROMPTS[:2], cfg, seed=4, dtype="bfloat16")
     assert calls["llm"]["tensor_parallel_size"] == 2 and calls["llm"]["enable_prefix_caching"]
+    assert calls["llm"]["generation_config"] == "vllm"  # the model folder's defaults stay out
     assert len(calls["requests"]) == 4
     assert calls["requests"][0]["prompt_token_ids"] == prompt_token_ids(tok, PROMPTS[0][1])
     for p, r in zip(calls["params"], rows):
@@ -141,7 +152,8 @@ def test_vllm_backend_one_seeded_request_per_response(tiny_model_dir, monkeypatc
         assert r.seed == response_seed(4, r.prompt_id, r.response_idx)
         assert p.kw["stop_token_ids"] == [2]
     assert [r.finish_reason for r in rows] == ["stop", "length", "stop", "length"]
-    assert [r.num_tokens for r in rows] == [1, 2, 3, 4]
+    assert [r.token_ids for r in rows] == [[10, 2], [10, 11], [10, 11, 2], [10, 11, 12, 13]]
+    assert [r.num_tokens for r in rows] == [2, 2, 3, 4]
 
 
 def test_vllm_missing_is_a_clear_error(tiny_model_dir, monkeypatch):
@@ -151,3 +163,48 @@ def test_vllm_missing_is_a_clear_error(tiny_model_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)
     with pytest.raises(PipelineError, match="generate.backend: 'vllm' is not installed"):
         generate_vllm(tiny_model_dir, load_tokenizer(tiny_model_dir), PROMPTS, GenerateParams(backend="vllm"), 0, "auto")
+
+
+def manual_greedy(model, ids: list[int], steps: int) -> list[int]:
+    """Greedy decoding by hand: the argmax of a full forward pass, step by step, stopping at EOS."""
+    out = []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(input_ids=torch.tensor([ids + out])).logits[0, -1]
+            out.append(int(logits.argmax()))
+            if out[-1] == 2:
+                break
+    return out
+
+
+def test_model_generation_config_does_not_leak_into_sampling(tiny_model_dir, tmp_path):
+    """A model folder whose generation_config.json asks for other settings is sampled with exactly
+    the stage's settings: greedy equals a manual greedy decode, and sampled responses equal those
+    of the same weights without that file."""
+    import json
+    import shutil
+
+    from rlhf_pipeline.models import load_policy, load_tokenizer
+
+    odd = tmp_path / "odd"
+    shutil.copytree(tiny_model_dir, odd)
+    cfg_file = odd / "generation_config.json"
+    gen = json.loads(cfg_file.read_text())
+    gen.update(repetition_penalty=50.0, top_k=1, temperature=0.1, do_sample=True, no_repeat_ngram_size=1,
+               min_new_tokens=3)
+    cfg_file.write_text(json.dumps(gen))
+    tok = load_tokenizer(odd)
+    model = load_policy(odd, torch.float32, torch.device("cpu"))
+    assert model.generation_config.repetition_penalty == 50.0
+
+    greedy = SamplingParams(num_responses=1, max_new_tokens=10, temperature=0, batch_size=4)
+    rows = generate_transformers(model, tok, PROMPTS, greedy, seed=0, progress=False)
+    for r in rows:
+        prompt = prompt_token_ids(tok, dict(PROMPTS)[r.prompt_id])
+        assert r.token_ids == manual_greedy(model, prompt, 10), r.prompt_id
+
+    plain = load_policy(tiny_model_dir, torch.float32, torch.device("cpu"))
+    cfg = GenerateParams(num_responses=2, max_new_tokens=10, batch_size=6)
+    with_file = generate_transformers(model, tok, PROMPTS, cfg, seed=9, progress=False)
+    without = generate_transformers(plain, tok, PROMPTS, cfg, seed=9, progress=False)
+    assert [r.token_ids for r in with_file] == [r.token_ids for r in without]

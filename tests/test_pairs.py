@@ -4,7 +4,7 @@ import pytest
 from rlhf_pipeline.chat import chat_messages, prompt_token_ids
 from rlhf_pipeline.errors import PipelineError
 from rlhf_pipeline.models import load_tokenizer
-from rlhf_pipeline.pairs import PAIRS_SCHEMA, build_pairs, join_scores, response_token_ids
+from rlhf_pipeline.pairs import PAIRS_SCHEMA, Candidate, build_pairs, join_scores
 from rlhf_pipeline.params import PairsParams
 
 
@@ -13,9 +13,18 @@ def tok(tiny_model_dir):
     return load_tokenizer(tiny_model_dir)
 
 
+def sampled(tok, text: str, finish: str = "stop") -> list[int]:
+    """Ids as the sampler records them for ``text``: the end-of-turn token only if it stopped."""
+    ids = list(tok(text, add_special_tokens=False)["input_ids"])
+    return ids + [tok.eos_token_id] if finish == "stop" else ids
+
+
 def run(tok, responses, prompts=None, **cfg):
+    """``responses``: {prompt_id: [(response_idx, text, reward[, finish_reason])]}."""
     prompts = prompts or {pid: f"Prompt {pid}: answer briefly." for pid in responses}
-    return build_pairs(responses, prompts, tok, PairsParams(**cfg))
+    cands = {pid: [Candidate(r[0], r[1], r[2], sampled(tok, r[1], *r[3:]), (*r[3:], "stop")[0]) for r in rows]
+             for pid, rows in responses.items()}
+    return build_pairs(cands, prompts, tok, PairsParams(**cfg))
 
 
 def test_argmax_argmin_with_lowest_index_tie_break(tok):
@@ -51,7 +60,7 @@ def test_prompt_length_filter(tok):
 
 def test_response_length_counts_the_end_of_turn_token(tok):
     text = "one two three"
-    n = len(response_token_ids(tok, text))  # tokens + <|im_end|>
+    n = len(sampled(tok, text))  # tokens + <|im_end|>
     responses = {"p": [(0, text, 1.0), (1, "x", 0.0), (2, "y", 0.5)]}
     _, counts = run(tok, responses, max_response_tokens=n)
     assert counts["responses_dropped_too_long"] == 0
@@ -99,10 +108,41 @@ def test_every_pair_filtered_names_the_filters(tok):
     assert "1 too few responses" in msg and "1 reward tie" in msg
 
 
+def generations(pids, idxs, texts):
+    return pa.table({"prompt_id": pids, "response_idx": pa.array(idxs, pa.int32()), "response": texts,
+                     "token_ids": [[5, 2]] * len(pids), "finish_reason": ["stop"] * len(pids)})
+
+
+def scores_table(pids, idxs, rewards):
+    return pa.table({"prompt_id": pids, "response_idx": pa.array(idxs, pa.int32()), "reward": rewards})
+
+
 def test_join_detects_missing_scores():
-    gens = pa.table({"prompt_id": ["a", "a"], "response_idx": pa.array([0, 1], pa.int32()), "response": ["x", "y"]})
-    scores = pa.table({"prompt_id": ["a"], "response_idx": pa.array([0], pa.int32()), "reward": [1.0]})
+    gens = generations(["a", "a"], [0, 1], ["x", "y"])
     with pytest.raises(PipelineError, match=r"unscored responses \[\('a', 1\)\]"):
-        join_scores(gens, scores, "g/s")
-    full = pa.table({"prompt_id": ["a", "a"], "response_idx": pa.array([0, 1], pa.int32()), "reward": [1.0, 0.0]})
-    assert sorted(join_scores(gens, full, "g/s")["a"]) == [(0, "x", 1.0), (1, "y", 0.0)]
+        join_scores(gens, scores_table(["a"], [0], [1.0]), "g", "s")
+    joined = join_scores(gens, scores_table(["a", "a"], [0, 1], [1.0, 0.0]), "g", "s")["a"]
+    assert [(c.response_idx, c.text, c.reward, c.ids, c.finish_reason) for c in joined] == [
+        (0, "x", 1.0, [5, 2], "stop"), (1, "y", 0.0, [5, 2], "stop")]
+
+
+def test_duplicate_rows_are_an_error_naming_the_key():
+    """Two rows for one (prompt_id, response_idx) used to merge silently (the last one kept)."""
+    scores = scores_table(["a", "a"], [0, 1], [1.0, 0.0])
+    with pytest.raises(PipelineError, match=r"^gens.parquet: rows 0 and 2 are both prompt_id 'a' response_idx 0"):
+        join_scores(generations(["a", "a", "a"], [0, 1, 0], ["x", "y", "z"]), scores, "gens.parquet", "s")
+    with pytest.raises(PipelineError, match=r"^scores.parquet: rows 1 and 2 are both prompt_id 'a' response_idx 1"):
+        join_scores(generations(["a", "a"], [0, 1], ["x", "y"]), scores_table(["a", "a", "a"], [0, 1, 1], [1.0, 0.0, 0.5]),
+                    "g", "scores.parquet")
+
+
+def test_truncated_responses_carry_no_end_of_turn_token(tok):
+    """A response cut at max_new_tokens keeps exactly its sampled ids: no EOS is appended, and its
+    finish reason travels into the pairs file."""
+    table, counts = run(tok, {"p": [(0, "Finished answer.", 1.0, "stop"), (1, "A cut answer that goes on", 0.0, "length")]})
+    row = table.to_pylist()[0]
+    assert row["chosen_ids"] == sampled(tok, "Finished answer.") and row["chosen_ids"][-1] == tok.eos_token_id
+    assert row["rejected_ids"] == list(tok("A cut answer that goes on", add_special_tokens=False)["input_ids"])
+    assert tok.eos_token_id not in row["rejected_ids"]
+    assert (row["chosen_finish_reason"], row["rejected_finish_reason"]) == ("stop", "length")
+    assert counts["rejected_truncated_share"] == 1.0 and counts["chosen_truncated_share"] == 0.0

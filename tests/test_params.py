@@ -4,9 +4,23 @@ import pytest
 import yaml
 
 from rlhf_pipeline.errors import PipelineError
-from rlhf_pipeline.params import load_params, parse_params
+from rlhf_pipeline.params import Params, load_params, parse_params
 
 REPO = Path(__file__).resolve().parents[1]
+COMMITTED = yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def full(raw: dict) -> dict:
+    """The committed params.yaml with ``raw``'s sections merged in (key by key)."""
+    import copy
+
+    out = copy.deepcopy(COMMITTED)
+    for key, value in raw.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key].update(value)
+        else:
+            out[key] = value
+    return out
 
 
 def test_repo_params_file_is_valid():
@@ -15,9 +29,71 @@ def test_repo_params_file_is_valid():
     assert params.generate.num_responses >= 2
 
 
-def test_empty_file_gives_defaults():
-    params = parse_params(None)
-    assert params.seed == 42 and params.data.source == "ifeval"
+def test_schema_defaults_are_the_committed_params():
+    """One source of defaults: a section given as {} gets exactly the committed values."""
+    empty_sections = Params.model_validate({"seed": COMMITTED["seed"], **{k: {} for k in Params.model_fields
+                                                                           if k != "seed"}})
+    assert empty_sections.model_dump() == load_params(REPO / "params.yaml").model_dump()
+
+
+def test_empty_file_and_missing_section_are_errors(tmp_path):
+    with pytest.raises(PipelineError, match="the file is empty; every section"):
+        parse_params(None)
+    raw = full({})
+    del raw["train"]
+    with pytest.raises(PipelineError, match=r"^params.yaml: train: missing"):
+        parse_params(raw)
+    empty = tmp_path / "params.yaml"
+    empty.write_text("# nothing\n")
+    with pytest.raises(PipelineError, match="the file is empty"):
+        load_params(empty)
+
+
+def test_duplicate_keys_are_an_error(tmp_path):
+    text = (REPO / "params.yaml").read_text().replace("  eta: 1.0", "  eta: 1.0\n  eta: 2.0")
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(PipelineError, match="not valid YAML.*duplicate key 'eta'"):
+        load_params(path)
+
+
+@pytest.mark.parametrize("raw, key", [({"generate": {"max_new_tokens": True}}, "generate.max_new_tokens"),
+                                      ({"seed": True}, "seed"),
+                                      ({"train": {"learning_rate": True}}, "train.learning_rate"),
+                                      ({"generate": {"batch_size": 8.5}}, "generate.batch_size"),
+                                      ({"train": {"gradient_checkpointing": 1}}, "train.gradient_checkpointing")])
+def test_booleans_are_not_numbers(raw, key):
+    with pytest.raises(PipelineError, match=f"params.yaml: {key}:"):
+        parse_params(full(raw))
+
+
+def test_a_yaml_bomb_in_a_value_gives_a_short_error(tmp_path):
+    """Aliases nest a 9-element list 8 levels deep (9**8 leaves): repr-ing the rejected value would
+    expand hundreds of megabytes; the message shows a bounded start."""
+    import time
+
+    lines = ["bomb0: &b0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"bomb{i}: &b{i} [" + ", ".join([f"*b{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    text = "\n".join(lines) + "\n" + (REPO / "params.yaml").read_text().replace("  test_size: 100", "  test_size: *b8")
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    t0 = time.perf_counter()
+    with pytest.raises(PipelineError) as exc:
+        load_params(path)
+    assert time.perf_counter() - t0 < 30  # unbounded, this took minutes and hundreds of MB
+    message = str(exc.value)
+    assert "data.test_size" in message and len(message) < 2000
+
+
+def test_log_prob_temperature_follows_sampling_unless_allowed():
+    params = parse_params(full({}))
+    assert params.train.temperature is None and params.logprob_temperature() == params.generate.temperature
+    with pytest.raises(PipelineError, match=r"params.yaml: train.temperature: 1.0 differs from generate.temperature "
+                                            r"0.8: the log-probs of training would be those of another distribution"):
+        parse_params(full({"train": {"temperature": 1.0}}))
+    allowed = parse_params(full({"train": {"temperature": 1.0, "allow_temperature_mismatch": True}}))
+    assert allowed.logprob_temperature() == 1.0
+    assert parse_params(full({"train": {"temperature": 0.8}})).logprob_temperature() == 0.8
 
 
 @pytest.mark.parametrize(
@@ -62,7 +138,7 @@ def test_empty_file_gives_defaults():
 )
 def test_rejected_values_name_their_key(raw, key):
     with pytest.raises(PipelineError) as exc:
-        parse_params(raw)
+        parse_params(full(raw))
     assert f"params.yaml: {key}:" in str(exc.value)
 
 
@@ -73,18 +149,18 @@ def test_rejected_values_name_their_key(raw, key):
                                       ({"data": {"split": "train", "shuffle": True}}, "data.shuffle")])
 def test_unknown_keys_are_named(raw, key):
     with pytest.raises(PipelineError, match=f"unknown key {key}$"):
-        parse_params(raw)
+        parse_params(full(raw))
 
 
 def test_all_errors_in_one_message():
     with pytest.raises(PipelineError) as exc:
-        parse_params({"generate": {"temperature": 0, "top_p": 2}})
+        parse_params(full({"generate": {"temperature": 0, "top_p": 2}}))
     lines = str(exc.value).splitlines()
     assert len(lines) == 2 and any("generate.temperature" in l for l in lines) and any("generate.top_p" in l for l in lines)
 
 
 def test_file_source_inside_sources_dir_is_accepted():
-    params = parse_params({"data": {"source": "file", "path": "data/sources/p.jsonl", "prompt_field": "q"}})
+    params = parse_params(full({"data": {"source": "file", "path": "data/sources/p.jsonl", "prompt_field": "q"}}))
     assert params.data.path == "data/sources/p.jsonl"
 
 

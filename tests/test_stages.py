@@ -1,8 +1,14 @@
 """Stage entry points on bad input: one clear error, exit 1, no output left behind."""
 
+import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -15,9 +21,21 @@ def run_stage(cwd, name):
                           capture_output=True, text=True)
 
 
-def write_params(cwd, data=None, policy=None):
-    raw = {"data": data or {}, "policy": policy or {}}
+def write_params(cwd, data=None, policy=None, **sections):
+    """The committed params.yaml with ``data``, ``policy`` and other sections' keys replaced."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    for name, values in {"data": data or {}, "policy": policy or {}, **sections}.items():
+        raw[name].update(values)
     (cwd / "params.yaml").write_text(yaml.safe_dump(raw))
+
+
+def with_base(cwd, tiny_model_dir):
+    shutil.copytree(tiny_model_dir, cwd / "models/base")
+    return cwd
+
+
+def no_temporaries(root):
+    return [p for p in root.rglob(".*tmp-*")]
 
 
 @pytest.mark.parametrize(
@@ -40,7 +58,8 @@ def test_prepare_prompts_bad_file(tmp_path, content, message):
     assert not (tmp_path / "data/prompts").exists() or not any((tmp_path / "data/prompts").iterdir())
 
 
-def test_prepare_prompts_from_file(tmp_path):
+def test_prepare_prompts_from_file(tmp_path, tiny_model_dir):
+    with_base(tmp_path, tiny_model_dir)
     (tmp_path / "data/sources").mkdir(parents=True)
     (tmp_path / "data/sources/p.jsonl").write_text("".join(f'{{"q": "question {i}"}}\n' for i in range(6)))
     write_params(tmp_path, {"source": "file", "path": "data/sources/p.jsonl", "prompt_field": "q",
@@ -72,3 +91,154 @@ def test_generate_without_prompts(tmp_path):
     proc = run_stage(tmp_path, "generate")
     assert proc.returncode == 1 and "data/prompts/train.parquet: input file not found" in proc.stderr
     assert not (tmp_path / "data/generations.parquet").exists()
+
+
+def test_long_prompts_are_dropped_before_the_draw(tmp_path, tiny_model_dir):
+    """A 100,000-character prompt used to reach generate (25,001 tokens against 2,048 positions)."""
+    with_base(tmp_path, tiny_model_dir)
+    (tmp_path / "data/sources").mkdir(parents=True)
+    rows = [{"prompt": f"question {i}"} for i in range(6)] + [{"prompt": "word " * 20_000}]
+    (tmp_path / "data/sources/p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_params(tmp_path, {"source": "file", "path": "data/sources/p.jsonl", "num_prompts": 6, "test_size": 2})
+    proc = run_stage(tmp_path, "prepare_prompts")
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((tmp_path / "metrics/prepare_prompts.json").read_text())
+    assert metrics["dropped_prompt_too_long"] == 1 and metrics["selected"] == 6
+    assert metrics["max_prompt_tokens"] == 1024  # min(pairs.max_prompt_tokens 1024, 2048 - 256)
+    kept = pq.read_table(tmp_path / "data/prompts/train.parquet").column("prompt").to_pylist()
+    assert all(len(p) < 100 for p in kept)
+
+    (tmp_path / "data/sources/p.jsonl").write_text(json.dumps({"prompt": "word " * 20_000}) + "\n")
+    write_params(tmp_path, {"source": "file", "path": "data/sources/p.jsonl", "num_prompts": None, "test_size": 1})
+    proc = run_stage(tmp_path, "prepare_prompts")
+    assert proc.returncode == 1 and "every prompt is longer than 1024 tokens" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_link_out_of_the_sources_folder_is_refused(tmp_path, tiny_model_dir):
+    with_base(tmp_path, tiny_model_dir)
+    (tmp_path / "data/sources").mkdir(parents=True)
+    outside = tmp_path / "elsewhere.jsonl"
+    outside.write_text("".join(f'{{"prompt": "q {i}"}}\n' for i in range(4)))
+    (tmp_path / "data/sources/p.jsonl").symlink_to(outside)
+    write_params(tmp_path, {"source": "file", "path": "data/sources/p.jsonl", "num_prompts": 4, "test_size": 1})
+    proc = run_stage(tmp_path, "prepare_prompts")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"error: data.path: data/sources/p.jsonl resolves to {outside}, outside data/sources/" in proc.stderr
+    assert not (tmp_path / "data/prompts").exists()
+
+
+def test_huggingface_local_files_must_be_tracked_and_the_fingerprint_is_recorded(tmp_path, tiny_model_dir):
+    with_base(tmp_path, tiny_model_dir)
+    (tmp_path / "data/sources").mkdir(parents=True)
+    outside = tmp_path / "outside.jsonl"
+    outside.write_text("".join(f'{{"prompt": "q {i}"}}\n' for i in range(4)))
+    write_params(tmp_path, {"source": "huggingface", "dataset": "json", "data_files": str(outside),
+                            "num_prompts": 4, "test_size": 1})
+    proc = run_stage(tmp_path, "prepare_prompts")
+    assert proc.returncode == 1 and f"error: data.data_files: {outside} resolves to" in proc.stderr
+
+    inside = tmp_path / "data/sources/p.jsonl"
+    fingerprints = []
+    for n in (4, 5):
+        inside.write_text("".join(f'{{"prompt": "q {i}"}}\n' for i in range(n)))
+        write_params(tmp_path, {"source": "huggingface", "dataset": "json", "data_files": "data/sources/p.jsonl",
+                                "num_prompts": 4, "test_size": 1})
+        proc = run_stage(tmp_path, "prepare_prompts")
+        assert proc.returncode == 0, proc.stderr
+        fingerprints.append(json.loads((tmp_path / "metrics/prepare_prompts.json").read_text())["dataset_fingerprint"])
+    assert fingerprints[0] != fingerprints[1]  # an edited data file shows in the metrics
+
+
+def scores_stage_dir(root, gens_rows, score_rows=None):
+    """A project with generations (and scores) files for the score and pairs stages."""
+    (root / "data/prompts").mkdir(parents=True)
+    ids = pa.list_(pa.int32())
+    pq.write_table(pa.table({"prompt_id": ["a"], "prompt": ["Say hi."]}), root / "data/prompts/train.parquet")
+    gens = pa.table({"prompt_id": pa.array([r[0] for r in gens_rows], pa.string()),
+                     "response_idx": pa.array([r[1] for r in gens_rows], pa.int32()),
+                     "response": pa.array([r[2] for r in gens_rows], pa.string()),
+                     "finish_reason": pa.array(["stop"] * len(gens_rows), pa.string()),
+                     "token_ids": pa.array([[5, 2]] * len(gens_rows), ids)})
+    pq.write_table(gens, root / "data/generations.parquet")
+    if score_rows is not None:
+        pq.write_table(pa.table({"prompt_id": pa.array([r[0] for r in score_rows], pa.string()),
+                                 "response_idx": pa.array([r[1] for r in score_rows], pa.int32()),
+                                 "reward": pa.array([r[2] for r in score_rows], pa.float64())}),
+                       root / "data/scores.parquet")
+    return root
+
+
+def test_empty_generations_stop_score_before_any_output(tmp_path):
+    root = scores_stage_dir(tmp_path, [])
+    write_params(root)
+    proc = run_stage(root, "score")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "error: data/generations.parquet: no rows" in proc.stderr
+    assert not (root / "data/scores.parquet").exists() and not (root / "metrics").exists()
+
+
+def test_empty_pairs_stop_ref_logprobs_before_any_output(tmp_path, tiny_model_dir):
+    with_base(tmp_path, tiny_model_dir)
+    from rlhf_pipeline.pairs import PAIRS_SCHEMA
+
+    (tmp_path / "data").mkdir()
+    pq.write_table(PAIRS_SCHEMA.empty_table(), tmp_path / "data/pairs.parquet")
+    write_params(tmp_path)
+    proc = run_stage(tmp_path, "ref_logprobs")
+    assert proc.returncode == 1 and "error: data/pairs.parquet: no rows" in proc.stderr
+    assert not (tmp_path / "data/ref_logprobs.parquet").exists() and not (tmp_path / "metrics").exists()
+
+
+@pytest.mark.parametrize("reward, shown", [(float("inf"), "inf"), (float("nan"), "nan"), (None, "None")])
+def test_a_non_finite_or_null_reward_stops_pairs(tmp_path, tiny_model_dir, reward, shown):
+    """An inf reward used to pass pairs, ref_logprobs and train and turn every weight NaN; a NaN
+    was counted as a reward tie; a null was a traceback."""
+    with_base(tmp_path, tiny_model_dir)
+    root = scores_stage_dir(tmp_path, [("a", 0, "x"), ("a", 1, "y")], [("a", 0, 1.0), ("a", 1, reward)])
+    write_params(root)
+    proc = run_stage(root, "pairs")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: data/scores.parquet: column 'reward': row 1 is null") and shown in last
+    assert not (root / "data/pairs.parquet").exists()
+
+
+FAULTS = REPO / "tests/fault_injection"
+
+
+def test_sigterm_mid_write_leaves_old_outputs_and_no_temporaries(tmp_path, tiny_model_dir):
+    """SIGTERM while prepare_prompts writes its second file: both old splits stay, nothing half-made."""
+    with_base(tmp_path, tiny_model_dir)
+    write_params(tmp_path, {"num_prompts": 20, "test_size": 5})
+    assert run_stage(tmp_path, "prepare_prompts").returncode == 0
+    before = {p: (tmp_path / p).read_bytes() for p in ("data/prompts/train.parquet", "data/prompts/test.parquet")}
+    write_params(tmp_path, {"num_prompts": 30, "test_size": 5})
+    env = {**stage_env(), "PYTHONPATH": str(FAULTS), "RLHF_FAULT": "term-writing-parquet",
+           "RLHF_FAULT_STAGE": "stages.prepare_prompts", "RLHF_FAULT_PATH": "test.parquet"}
+    proc = subprocess.run([sys.executable, "-m", "stages.prepare_prompts"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    assert "interrupted (signal SIGTERM)" in proc.stderr and "Traceback" not in proc.stderr
+    assert {p: (tmp_path / p).read_bytes() for p in before} == before
+    assert no_temporaries(tmp_path) == []
+
+
+def test_sigterm_between_the_renames_waits_until_both_are_in_place(tmp_path, tiny_model_dir):
+    """A SIGTERM after the first output is renamed used to leave a new train split beside the old
+    test split; now it is held until the group is in place, then ends the stage."""
+    with_base(tmp_path, tiny_model_dir)
+    write_params(tmp_path, {"num_prompts": 20, "test_size": 5})
+    assert run_stage(tmp_path, "prepare_prompts").returncode == 0
+    old_test = (tmp_path / "data/prompts/test.parquet").read_bytes()
+    write_params(tmp_path, {"num_prompts": 30, "test_size": 8})
+    env = {**stage_env(), "PYTHONPATH": str(FAULTS), "RLHF_FAULT": "term-after-first-rename",
+           "RLHF_FAULT_STAGE": "stages.prepare_prompts", "RLHF_FAULT_PATH": "prompts"}
+    proc = subprocess.run([sys.executable, "-m", "stages.prepare_prompts"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    train = pq.read_table(tmp_path / "data/prompts/train.parquet").column("prompt_id").to_pylist()
+    test = pq.read_table(tmp_path / "data/prompts/test.parquet").column("prompt_id").to_pylist()
+    assert (tmp_path / "data/prompts/test.parquet").read_bytes() != old_test
+    assert (len(train), len(test)) == (22, 8) and not set(train) & set(test)
+    assert no_temporaries(tmp_path) == []

@@ -62,3 +62,46 @@ def test_live_run_streams_update_rows(tmp_path, monkeypatch):
     assert run.data.tags["dvc_exp_name"] == "exp-1" and run.data.tags["rlhf.stage"] == "train-live"
     history = MlflowClient(uri).get_metric_history(live.run_id, "train_log.loss")
     assert [(h.step, h.value) for h in history] == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3))]
+
+
+@pytest.fixture
+def broken_server():
+    """A loopback HTTP server that answers /health with OK and every MLflow API call with a 500."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _answer(self):
+            ok = self.path.rstrip("/") == "/health"
+            body = b"OK" if ok else b'{"error_code": "INTERNAL_ERROR", "message": "database is locked"}'
+            self.send_response(200 if ok else 500)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_a_server_whose_api_fails_is_one_line(broken_server, tmp_path, monkeypatch):
+    from rlhf_pipeline.tracking import log_pipeline_run
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", broken_server)
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    check_reachable(broken_server)  # /health answers: the old check let this through
+    with pytest.raises(PipelineError) as exc:
+        log_pipeline_run({"seed": 1}, {}, [], [], {}, tmp_path, tmp_path / "dvc.lock")
+    message = str(exc.value)
+    assert message.startswith(f"MLFLOW_TRACKING_URI={broken_server}: the tracking server failed (")
+    assert "\n" not in message and "rerun `dvc repro`" in message
+    with pytest.raises(PipelineError, match="the tracking server failed"):
+        LiveRun({"seed": 1}, root=tmp_path)

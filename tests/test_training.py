@@ -30,7 +30,7 @@ def synthetic_pairs(n=8):
         rows.append({"prompt_id": f"p{i:02d}", "prompt_ids": prompt, "chosen_ids": [500, 501, 502, 2],
                      "rejected_ids": [600 + i, 601, 2], "chosen": "c", "rejected": "r",
                      "chosen_reward": 1.0, "rejected_reward": 0.0, "chosen_response_idx": 0,
-                     "rejected_response_idx": 1})
+                     "rejected_response_idx": 1, "chosen_finish_reason": "stop", "rejected_finish_reason": "stop"})
     return pa.Table.from_pylist(rows, schema=PAIRS_SCHEMA)
 
 
@@ -75,7 +75,7 @@ def test_reference_must_match_pairs():
 def test_too_few_episodes_for_a_batch(tiny_model_dir, tmp_path):
     pairs = synthetic_pairs(3)
     ref = pa.table({"prompt_id": pairs.column("prompt_id"), "chosen_logprob": [0.0] * 3, "rejected_logprob": [0.0] * 3})
-    cfg = TrainParams(per_device_train_batch_size=4, dtype="float32")
+    cfg = TrainParams(per_device_train_batch_size=4, gradient_accumulation_steps=1, dtype="float32")
     with pytest.raises(PipelineError, match="train.total_episodes: 3 episodes is less than one batch of 4"):
         train_policy(tiny_model_dir, pairs, ref, cfg, 0, tmp_path / "p", tmp_path / "c", "f", progress=False)
 
@@ -96,9 +96,11 @@ def stage_dir(root, tiny_model_dir, tiny_policy, updates):
     pq.write_table(reference(model, tok, pairs).cast(pa.schema([("prompt_id", pa.string()),
                    ("chosen_logprob", pa.float64()), ("rejected_logprob", pa.float64())])),
                    root / "data/ref_logprobs.parquet")
-    (root / "params.yaml").write_text(yaml.safe_dump({"seed": 1, "train": {
-        "learning_rate": 1e-4, "per_device_train_batch_size": 2, "total_episodes": 2 * updates,
-        "save_every": 1, "dtype": "float32"}}))
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["seed"] = 1
+    params["train"].update(learning_rate=1e-4, per_device_train_batch_size=2, gradient_accumulation_steps=1,
+                           total_episodes=2 * updates, save_every=1, dtype="float32")
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
     (root / "stages").symlink_to(REPO / "stages")
     return root
 
@@ -126,3 +128,104 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path, tiny_model_dir, t
     log = (cut / "metrics/train_log.tsv").read_text().splitlines()
     assert len(log) == updates + 1 and log[0].startswith("update\tepisodes\tloss")
     assert not (cut / "models/.checkpoints/train").exists()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def set_train(root, **values):
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"].update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def test_two_processes_match_one_process(tmp_path, tiny_model_dir, tiny_policy):
+    """`accelerate launch --cpu --num_processes 2` (DDP over gloo), micro-batch 1 x accumulation 2,
+    ends with the weights and per-update losses of one process with micro-batch 2 x accumulation 2
+    on the same pairs: accelerate accumulates, averages across processes and clips once per update
+    (max_grad_norm small enough to clip every update here)."""
+    from safetensors.torch import load_file
+
+    settings = dict(total_episodes=16, save_every=100, max_grad_norm=0.05, learning_rate=1e-3, warmup_ratio=0.0)
+    one = stage_dir(tmp_path / "one", tiny_model_dir, tiny_policy, 4)
+    set_train(one, per_device_train_batch_size=2, gradient_accumulation_steps=2, **settings)
+    subprocess.run([sys.executable, "-m", "stages.train"], cwd=one, env=stage_env(), check=True, capture_output=True)
+
+    two = stage_dir(tmp_path / "two", tiny_model_dir, tiny_policy, 4)
+    set_train(two, per_device_train_batch_size=1, gradient_accumulation_steps=2, **settings)
+    # accelerate 1.x sends `--cpu --num_processes 2` to its one-process launcher; `--multi_gpu` is its
+    # torchrun launcher, and the stage's Accelerator(cpu=True) (no CUDA here) makes that DDP over gloo.
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(free_port()), "-m", "stages.train"]
+    proc = subprocess.run(launch, cwd=two, env=stage_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    log = {name: [line.split("\t") for line in (root / "metrics/train_log.tsv").read_text().splitlines()]
+           for name, root in (("one", one), ("two", two))}
+    header = log["one"][0]
+    col = {c: header.index(c) for c in ("loss", "grad_norm", "episodes")}
+    assert len(log["one"]) == len(log["two"]) == 5  # header + 4 updates of 4 pairs
+    for a, b in zip(log["one"][1:], log["two"][1:]):
+        assert a[col["episodes"]] == b[col["episodes"]]
+        assert float(a[col["loss"]]) == pytest.approx(float(b[col["loss"]]), rel=1e-4, abs=1e-5)
+        assert float(a[col["grad_norm"]]) == pytest.approx(float(b[col["grad_norm"]]), rel=1e-3)
+        assert float(a[col["grad_norm"]]) > 0.05  # clipped every update
+    metrics = json.loads((two / "metrics/train.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["batch_size"] == 4 and metrics["updates"] == 4
+    w1, w2 = (load_file(root / "models/policy/model.safetensors") for root in (one, two))
+    base = load_file(tiny_model_dir / "model.safetensors")
+    moved = max((w1[k] - base[k]).abs().max().item() for k in w1)
+    assert moved > 1e-3  # training changed the weights, so the comparison below means something
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5)
+
+
+def test_non_finite_loss_stops_before_the_step_and_writes_no_model(tiny_policy, tiny_model_dir, tmp_path):
+    model, tok = tiny_policy
+    pairs = synthetic_pairs(4)
+    ref = reference(model, tok, pairs)
+    ref = ref.set_column(1, "chosen_logprob", pa.array([0.0, float("inf"), 0.0, 0.0]))  # bypassing the reader
+    cfg = TrainParams(per_device_train_batch_size=2, gradient_accumulation_steps=1, save_every=1, dtype="float32")
+    with pytest.raises(PipelineError, match=r"^train: update \d has loss (nan|inf) and gradient norm"):
+        train_policy(tiny_model_dir, pairs, ref, cfg, 0, tmp_path / "policy", tmp_path / "ckpt", "f", progress=False)
+    assert not (tmp_path / "policy").exists() and not list(tmp_path.glob(".policy*"))
+
+
+def test_checkpoint_holds_no_pickled_objects_and_loads_nothing_that_runs(tmp_path, tiny_model_dir, tiny_policy):
+    """Training progress is JSON; accelerate's files are read with weights_only, so a pickle that
+    would run code when loaded is refused, and the run stops with a one-line error."""
+    import pickle
+
+    updates = 3
+    root = stage_dir(tmp_path / "p", tiny_model_dir, tiny_policy, updates)
+    proc = subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=root, env=stage_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = root / "models/.checkpoints/train/latest"
+    deadline = time.time() + 300
+    while not (latest / "fingerprint").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    files = sorted(p.name for p in latest.iterdir())
+    assert "progress.json" in files and not [f for f in files if f.startswith("custom_checkpoint")]
+    progress = json.loads((latest / "progress.json").read_text())
+    assert progress["update"] >= 1 and len(progress["rows"]) == progress["update"] and "scheduler" in progress
+
+    marker = tmp_path / "code-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (latest / "optimizer.bin").write_bytes(pickle.dumps({"state": Payload()}))
+    done = subprocess.run([sys.executable, "-m", "stages.train"], cwd=root, env=stage_env(), capture_output=True,
+                          text=True)
+    assert done.returncode == 1 and not marker.exists()
+    assert done.stderr.strip().splitlines()[-1].startswith("error: models/.checkpoints/train/latest: the training "
+                                                           "checkpoint cannot be loaded safely")

@@ -6,7 +6,10 @@ and only on files whose path contains RLHF_FAULT_PATH (if set).
 RLHF_FAULT:
 - ``kill-writing-parquet``: write half of the Parquet file, then SIGKILL this process;
 - ``kill-writing-safetensors``: write half of the first safetensors file, then SIGKILL;
-- ``nondeterministic-parquet``: put the current time in the Parquet file's metadata.
+- ``nondeterministic-parquet``: put the current time in the Parquet file's metadata;
+- ``term-writing-parquet``: write half of the Parquet file, then SIGTERM this process;
+- ``term-after-first-rename``: SIGTERM this process right after the first ``os.replace`` onto a
+  path containing RLHF_FAULT_PATH (between the renames of a multi-file output).
 """
 
 import os
@@ -32,7 +35,19 @@ def _die_after_half(data: bytes, where) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-if FAULT in ("kill-writing-parquet", "nondeterministic-parquet"):
+if FAULT == "term-after-first-rename":
+    _replace = os.replace
+    _sent = []
+
+    def replace(src, dst, *args, **kwargs):
+        _replace(src, dst, *args, **kwargs)
+        if not _sent and _in_target(dst):
+            _sent.append(dst)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    os.replace = replace
+
+if FAULT in ("kill-writing-parquet", "nondeterministic-parquet", "term-writing-parquet"):
     import io
     import time
 
@@ -48,6 +63,12 @@ if FAULT in ("kill-writing-parquet", "nondeterministic-parquet"):
             return _write_table(table, where, *args, **kwargs)
         buf = io.BytesIO()
         _write_table(table, buf, *args, **kwargs)
+        if FAULT == "term-writing-parquet":
+            data = buf.getvalue()
+            with open(where, "wb") as f:
+                f.write(data[: len(data) // 2])
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler raises here, mid-write
+            return None
         _die_after_half(buf.getvalue(), where)
 
     pq.write_table = write_table
