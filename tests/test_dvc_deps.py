@@ -206,9 +206,9 @@ def declared_params(stage: str) -> list[str]:
 
 def all_leaf_keys(section_path: str) -> set[str]:
     """Every leaf key under a section of the params schema (``generate`` -> ``generate.top_p`` ...)."""
-    from rlhf_pipeline.params import Params
+    from rlhf_pipeline.params import load_params
 
-    model = Params()
+    model = load_params(REPO / "params.yaml")
     for part in section_path.split("."):
         model = getattr(model, part)
     if not hasattr(type(model), "model_fields"):
