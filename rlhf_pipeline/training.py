@@ -126,8 +126,9 @@ def _load_checkpoint(accelerator, latest: Path) -> dict:
     try:
         accelerator.load_state(str(latest))
     except Exception as exc:  # torch's UnpicklingError, safetensors' errors, a missing file
+        why = " ".join(str(exc).split())[:200]  # one line, whatever the library's message holds
         raise PipelineError(f"{latest}: the training checkpoint cannot be loaded safely ({type(exc).__name__}: "
-                            f"{str(exc)[:200]}); delete the folder to start the stage afresh") from None
+                            f"{why}); delete the folder to start the stage afresh") from None
     return json.loads((latest / PROGRESS_FILE).read_text())
 
 

@@ -207,18 +207,29 @@ def test_a_non_finite_or_null_reward_stops_pairs(tmp_path, tiny_model_dir, rewar
 FAULTS = REPO / "tests/fault_injection"
 
 
-def test_sigterm_mid_write_leaves_old_outputs_and_no_temporaries(tmp_path, tiny_model_dir):
-    """SIGTERM while prepare_prompts writes its second file: both old splits stay, nothing half-made."""
-    with_base(tmp_path, tiny_model_dir)
-    write_params(tmp_path, {"num_prompts": 20, "test_size": 5})
-    assert run_stage(tmp_path, "prepare_prompts").returncode == 0
-    before = {p: (tmp_path / p).read_bytes() for p in ("data/prompts/train.parquet", "data/prompts/test.parquet")}
-    write_params(tmp_path, {"num_prompts": 30, "test_size": 5})
-    env = {**stage_env(), "PYTHONPATH": str(FAULTS), "RLHF_FAULT": "term-writing-parquet",
-           "RLHF_FAULT_STAGE": "stages.prepare_prompts", "RLHF_FAULT_PATH": "test.parquet"}
-    proc = subprocess.run([sys.executable, "-m", "stages.prepare_prompts"], cwd=tmp_path, env=env,
+SPLITS = ("data/prompts/train.parquet", "data/prompts/test.parquet")
+
+
+def rerun_prompts_with_fault(root, tiny_model_dir, fault: str, path_part: str, data: dict):
+    """prepare_prompts run once (20 prompts, 5 held out), then again with ``data`` and a fault
+    injected; returns (the second run, the splits' bytes after the first)."""
+    with_base(root, tiny_model_dir)
+    write_params(root, {"num_prompts": 20, "test_size": 5})
+    assert run_stage(root, "prepare_prompts").returncode == 0
+    before = {p: (root / p).read_bytes() for p in SPLITS}
+    write_params(root, data)
+    env = {**stage_env(), "PYTHONPATH": str(FAULTS), "RLHF_FAULT": fault,
+           "RLHF_FAULT_STAGE": "stages.prepare_prompts", "RLHF_FAULT_PATH": path_part}
+    proc = subprocess.run([sys.executable, "-m", "stages.prepare_prompts"], cwd=root, env=env,
                           capture_output=True, text=True)
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    return proc, before
+
+
+def test_sigterm_mid_write_leaves_old_outputs_and_no_temporaries(tmp_path, tiny_model_dir):
+    """SIGTERM while prepare_prompts writes its second file: both old splits stay, nothing half-made."""
+    proc, before = rerun_prompts_with_fault(tmp_path, tiny_model_dir, "term-writing-parquet", "test.parquet",
+                                            {"num_prompts": 30, "test_size": 5})
     assert "interrupted (signal SIGTERM)" in proc.stderr and "Traceback" not in proc.stderr
     assert {p: (tmp_path / p).read_bytes() for p in before} == before
     assert no_temporaries(tmp_path) == []
@@ -227,16 +238,9 @@ def test_sigterm_mid_write_leaves_old_outputs_and_no_temporaries(tmp_path, tiny_
 def test_sigterm_between_the_renames_waits_until_both_are_in_place(tmp_path, tiny_model_dir):
     """A SIGTERM after the first output is renamed used to leave a new train split beside the old
     test split; now it is held until the group is in place, then ends the stage."""
-    with_base(tmp_path, tiny_model_dir)
-    write_params(tmp_path, {"num_prompts": 20, "test_size": 5})
-    assert run_stage(tmp_path, "prepare_prompts").returncode == 0
-    old_test = (tmp_path / "data/prompts/test.parquet").read_bytes()
-    write_params(tmp_path, {"num_prompts": 30, "test_size": 8})
-    env = {**stage_env(), "PYTHONPATH": str(FAULTS), "RLHF_FAULT": "term-after-first-rename",
-           "RLHF_FAULT_STAGE": "stages.prepare_prompts", "RLHF_FAULT_PATH": "prompts"}
-    proc = subprocess.run([sys.executable, "-m", "stages.prepare_prompts"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True)
-    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    _, before = rerun_prompts_with_fault(tmp_path, tiny_model_dir, "term-after-first-rename", "prompts",
+                                         {"num_prompts": 30, "test_size": 8})
+    old_test = before["data/prompts/test.parquet"]
     train = pq.read_table(tmp_path / "data/prompts/train.parquet").column("prompt_id").to_pylist()
     test = pq.read_table(tmp_path / "data/prompts/test.parquet").column("prompt_id").to_pylist()
     assert (tmp_path / "data/prompts/test.parquet").read_bytes() != old_test

@@ -223,9 +223,18 @@ def test_checkpoint_holds_no_pickled_objects_and_loads_nothing_that_runs(tmp_pat
         def __reduce__(self):
             return (open, (str(marker), "w"))
 
-    (latest / "optimizer.bin").write_bytes(pickle.dumps({"state": Payload()}))
-    done = subprocess.run([sys.executable, "-m", "stages.train"], cwd=root, env=stage_env(), capture_output=True,
-                          text=True)
-    assert done.returncode == 1 and not marker.exists()
-    assert done.stderr.strip().splitlines()[-1].startswith("error: models/.checkpoints/train/latest: the training "
-                                                           "checkpoint cannot be loaded safely")
+    saved = {p.name: p.read_bytes() for p in latest.iterdir()}
+    # accelerate unpickles custom_checkpoint_*.pkl with weights_only=False (the stage registers none,
+    # so accelerate refuses such a file unread); its other files go through weights_only=True.
+    for planted in ("custom_checkpoint_0.pkl", "optimizer.bin"):
+        shutil.rmtree(latest)
+        latest.mkdir()
+        for name, data in saved.items():
+            (latest / name).write_bytes(data)
+        (latest / planted).write_bytes(pickle.dumps({"state": Payload()}))
+        done = subprocess.run([sys.executable, "-m", "stages.train"], cwd=root, env=stage_env(), capture_output=True,
+                              text=True)
+        assert done.returncode == 1 and not marker.exists(), planted
+        assert "Traceback" not in done.stderr
+        assert done.stderr.strip().splitlines()[-1].startswith(
+            "error: models/.checkpoints/train/latest: the training checkpoint cannot be loaded safely"), planted
