@@ -276,15 +276,13 @@ def train_policy(model_dir: str | os.PathLike, pairs: pa.Table, ref: pa.Table, c
                 lr_ = torch.tensor([len(rejected[i]) for i in idx], dtype=torch.float32, device=pc.device)
                 loss = _pair_loss(cfg, pc, pr, rc, rr, gc, gr, lc, lr_)
                 accelerator.backward(loss)  # divided by the accumulation steps there (or by DeepSpeed)
+                sums += _update_terms(loss, pc, pr, rc, rr, gc, gr, cfg.eta, len(idx) / len(mine)).cpu()
                 if accelerator.sync_gradients:
                     grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
-                    reduced = accelerator.reduce(sums.to(accelerator.device) + _update_terms(
-                        loss, pc, pr, rc, rr, gc, gr, cfg.eta, len(idx) / len(mine)), "mean").cpu()
+                    reduced = accelerator.reduce(sums.to(accelerator.device), "mean").cpu()
                     _check_finite(u + 1, float(reduced[0]), grad_norm)
                 optimizer.step()  # accelerate's wrapper steps only when gradients are synced
                 optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
-                sums += _update_terms(loss, pc, pr, rc, rr, gc, gr, cfg.eta, len(idx) / len(mine)).cpu()
             tokens += sum(2 * len(prompts[i]) + len(chosen[i]) + len(rejected[i]) for i in idx)
         if not accelerator.sync_gradients:
             raise RuntimeError(f"update {u + 1}: accumulation ended off its sync point")  # a bug, not bad input
