@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # Stage commands run `python`; put the project's environment first on PATH.
 RUN    := PATH="$(BIN):$$PATH" HF_HUB_DISABLE_TELEMETRY=1
 
-.PHONY: venv repro test check-repro bench clean-venv
+.PHONY: venv repro test check-repro check-repro-ci bench clean-venv
 
 venv: $(STAMP)
 
@@ -27,6 +27,13 @@ test: venv
 # Rerun every stage in a scratch clone and compare each data/model output's md5 with dvc.lock.
 check-repro: venv
 	$(RUN) python -m rlhf_pipeline.repro_check
+
+# The whole iterated DAG on a small profile, twice in a scratch clone, every output hash compared;
+# a Markdown summary (with dvc params/metrics diff against AGAINST) for a pull request. Minutes.
+AGAINST ?= HEAD
+check-repro-ci: venv
+	$(RUN) python -m rlhf_pipeline.repro_check --profile envs/ci-params.yaml --against $(AGAINST) \
+		--summary repro-summary.md
 
 bench: venv
 	$(RUN) python bench/generate.py

@@ -1,6 +1,6 @@
 """Training speed: this project's DPO and REBEL against TRL's DPOTrainer, same pairs and settings.
 
-All three start from the same prepared model, train on the same pairs (``data/pairs.parquet``
+All three start from the same prepared model, train on the same pairs (``data/iter_1/pairs.parquet``
 and the prompt texts of ``data/prompts/train.parquet``, so run it after ``make repro``), with the
 same batch size, steps and dtype, and include computing the reference log-probs once (TRL: ``precompute_ref_log_probs=True``;
 here: the ``ref_logprobs`` code). Throughput counts the same tokens for all three: per pair,
@@ -26,6 +26,7 @@ import torch
 from rlhf_pipeline.chat import chat_messages
 from rlhf_pipeline.logprobs import pair_logprobs
 from rlhf_pipeline.models import load_policy, load_tokenizer, prepare_base_model
+from rlhf_pipeline.objectives import PairwiseTask, make_objective
 from rlhf_pipeline.params import TrainParams
 from rlhf_pipeline.training import train_policy
 
@@ -38,9 +39,11 @@ def ours(model_dir, pairs, loss, args, scratch) -> float:
     c, r = pair_logprobs(model, *cols, tok.pad_token_id, 1.0, args.batch_size * 2, progress=False)
     del model
     ref = pa.table({"prompt_id": pairs.column("prompt_id"), "chosen_logprob": c, "rejected_logprob": r})
-    cfg = TrainParams(loss=loss, temperature=1.0, learning_rate=1e-6, per_device_train_batch_size=args.batch_size,
+    objective = {"name": loss, "beta": 0.1} if loss == "dpo" else {"name": loss}
+    cfg = TrainParams(objective=objective, temperature=1.0, learning_rate=1e-6, per_device_train_batch_size=args.batch_size,
                       total_episodes=args.steps * args.batch_size, warmup_ratio=0.0, save_every=10**6, dtype="float32")
-    train_policy(model_dir, pairs, ref, cfg, 0, scratch / f"policy-{loss}", scratch / f"ckpt-{loss}", "bench",
+    task = PairwiseTask(pairs, ref, make_objective(cfg.objective), tok.pad_token_id, 1.0, "bench pairs")
+    train_policy(model_dir, task, cfg, 0, scratch / f"policy-{loss}", scratch / f"ckpt-{loss}", "bench",
                  progress=False)
     return time.perf_counter() - t0
 
@@ -70,7 +73,7 @@ def trl_dpo(model_dir, pairs, prompt_text, args, scratch) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model-dir", default="models/base")
-    ap.add_argument("--pairs-file", default="data/pairs.parquet")
+    ap.add_argument("--pairs-file", default="data/iter_1/pairs.parquet")
     ap.add_argument("--prompts-file", default="data/prompts/train.parquet")
     ap.add_argument("--pairs", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=4)

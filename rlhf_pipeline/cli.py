@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
-from typing import Callable
+from typing import Callable, Sequence
 
 from rlhf_pipeline.errors import PipelineError
 
@@ -14,6 +14,24 @@ def _terminate(signum, frame):
     # Python's default for SIGTERM ends the process without unwinding: no `finally`, so temporary
     # outputs stay behind. Raised as KeyboardInterrupt, SIGTERM unwinds exactly as Ctrl-C does.
     raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+def stage_args(argv: Sequence[str] | None, doc: str | None, *options: str, **optional: str):
+    """Parse a stage's command line: each of ``options`` is a required ``--option VALUE`` (paths,
+    an iteration name), each of ``optional`` an ``--option VALUE`` with that default. Dashes in
+    option names become underscores on the result.
+
+    ``dvc.yaml`` passes every input and output this way, so the command shows in → out and one
+    stage module serves every iteration. A missing or unknown option exits 2 with argparse's usage.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, allow_abbrev=False)
+    for name in options:
+        parser.add_argument(f"--{name}", required=True)
+    for name, default in optional.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", default=default)
+    return parser.parse_args(argv)
 
 
 def run_stage(main: Callable[[], None]) -> None:

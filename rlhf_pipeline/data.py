@@ -280,21 +280,23 @@ def load_source(cfg: DataParams, sources_dir: str | Path | None = None) -> Promp
 @dataclass
 class PromptSplit:
     train: pa.Table
+    val: pa.Table
     test: pa.Table
     counts: dict[str, int]
 
 
-def split_prompts(prompts: PromptSet, num_prompts: int | None, test_size: int, seed: int) -> PromptSplit:
-    """Deduplicate, draw ``num_prompts`` (seeded) and hold out ``test_size`` of them.
+def split_prompts(prompts: PromptSet, num_prompts: int | None, test_size: int, val_size: int,
+                  seed: int) -> PromptSplit:
+    """Deduplicate, draw ``num_prompts`` (seeded) and hold out ``test_size`` and ``val_size`` of them.
 
     The draw is a seeded permutation of the prompts sorted by ``prompt_id``, so it does not depend
-    on the source's row order. The test prompts are the first ``test_size`` of that permutation:
-    changing ``num_prompts`` grows or shrinks the train set and leaves the test set as it was.
-    Both tables are sorted by ``prompt_id``.
+    on the source's row order. The test prompts are the first ``test_size`` of that permutation,
+    the validation prompts the next ``val_size``: changing ``num_prompts`` grows or shrinks the
+    train set and leaves both held-out sets as they were. Tables are sorted by ``prompt_id``.
 
     Raises:
-        PipelineError: ``data.num_prompts`` exceeds the unique prompts, or ``data.test_size``
-            leaves no train prompt.
+        PipelineError: ``data.num_prompts`` exceeds the unique prompts, or ``data.test_size`` and
+            ``data.val_size`` leave no train prompt.
     """
     first_row: dict[str, int] = {}
     for row, text in enumerate(prompts.prompts):
@@ -305,12 +307,14 @@ def split_prompts(prompts: PromptSet, num_prompts: int | None, test_size: int, s
         raise PipelineError(
             f"data.num_prompts: {n} requested but {prompts.origin} has {unique} unique prompts"
         )
-    if test_size >= n:
-        raise PipelineError(f"data.test_size: {test_size} leaves no train prompts out of {n} prompts")
+    if test_size + val_size >= n:
+        raise PipelineError(f"data.test_size: {test_size} + data.val_size {val_size} leave no train prompts "
+                            f"out of {n} prompts")
     ids = sorted(first_row)
     order = np.random.default_rng(seed).permutation(len(ids))[:n]
     test_ids = sorted(ids[i] for i in order[:test_size])
-    train_ids = sorted(ids[i] for i in order[test_size:])
+    val_ids = sorted(ids[i] for i in order[test_size:test_size + val_size])
+    train_ids = sorted(ids[i] for i in order[test_size + val_size:])
 
     def table(selected: list[str]) -> pa.Table:
         rows = [first_row[i] for i in selected]
@@ -326,6 +330,7 @@ def split_prompts(prompts: PromptSet, num_prompts: int | None, test_size: int, s
         "unique_prompts": unique,
         "selected": n,
         "train_prompts": len(train_ids),
+        "val_prompts": len(val_ids),
         "test_prompts": len(test_ids),
     }
-    return PromptSplit(train=table(train_ids), test=table(test_ids), counts=counts)
+    return PromptSplit(train=table(train_ids), val=table(val_ids), test=table(test_ids), counts=counts)

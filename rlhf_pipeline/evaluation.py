@@ -1,6 +1,6 @@
-"""Held-out comparison of the base and the trained policy (REBEL recipe, part 5).
+"""Held-out comparison of a trained policy with the base policy (REBEL recipe, part 5).
 
-Both policies answer the same test prompts with the same per-response seeds (common random
+Both policies answer the same held-out prompts with the same per-response seeds (common random
 numbers: the comparison is paired, so sampling noise shared by the two cancels), the same
 scorers score them, and every comparison is a paired one over prompts with a seeded bootstrap
 interval.
@@ -19,7 +19,8 @@ import pyarrow as pa
 import torch
 
 from rlhf_pipeline.errors import PipelineError
-from rlhf_pipeline.params import EvaluateParams, GenerateParams, RewardParams
+from rlhf_pipeline.params import EvaluateParams, GenerateParams, SamplingParams
+from rlhf_pipeline.rewards import Scorers
 
 log = logging.getLogger(__name__)
 
@@ -103,80 +104,104 @@ def policy_kl(base_dir: str | Path, policy_dir: str | Path, prompts: dict[str, s
                        temperature, batch_size, None if dtype == torch.float32 else dtype)
 
 
-def evaluate_policies(base_dir: str | Path, policy_dir: str | Path, test_prompts: pa.Table,
-                      generate: GenerateParams, reward: RewardParams, cfg: EvaluateParams,
-                      seed: int) -> tuple[pa.Table, dict]:
-    """Generate from both policies on the test prompts, score, and compare.
+def sample_and_score(model_dir: str | Path, prompts: pa.Table, sampling: SamplingParams, scorers: Scorers,
+                     seed: int, where: str) -> tuple[pa.Table, dict]:
+    """Sample ``sampling.num_responses`` responses per prompt from a policy and score them.
 
-    The KL estimate (``kl.mean``, nats per response) is the mean over the trained policy's own
-    responses of Σ_t KL(πθ(·|x, y<t) ‖ π0(·|x, y<t)), the full-vocabulary KL summed along the
-    response; ``kl.log_ratio_mean`` is the mean of log πθ(y|x) − log π0(y|x), the plain Monte-Carlo
-    estimate of the same quantity with more variance (:func:`rlhf_pipeline.logprobs.response_kl`).
-    Both use the logits divided by the sampling temperature, as the REBEL reference computes
-    log-probs: they estimate KL(πθ ‖ π0) of those temperature-scaled policies, while the samples
-    also pass the top-p filter, so neither is exactly the KL between the two nucleus samplers.
-    With greedy decoding (temperature 0) both are taken at temperature 1 along the greedy
-    responses: the KL the trained policy keeps from the base on its own outputs.
+    The seeds depend only on ``seed``, the prompt and the response index, so two policies given
+    the same arguments answer with common random numbers (a paired comparison).
 
     Returns:
-        (``data/eval.parquet`` table: one row per (prompt_id, response_idx), sorted, with the
-        prompt, each policy's response, reward, scorer columns, tokens and finish reason, and
-        the trained response's log-probs, log-ratio and KL; the ``metrics/eval.json`` dict).
+        (one row per (prompt_id, response_idx), sorted: the generation columns
+        (``schemas.GENERATIONS``) and the score columns; facts: seconds and tokens/s).
 
     Raises:
-        PipelineError: no test prompts, or a scorer lacks the prompt columns it needs (both
-            before any generation).
+        PipelineError: no prompts, or a scorer lacks the prompt columns it needs (both before any
+            generation; ``where`` names the prompts).
     """
     from rlhf_pipeline.generation import run_generation
-    from rlhf_pipeline.rewards import reward_summary, score_responses, validate_scorers
+    from rlhf_pipeline.rewards import score_responses
 
-    where = "the test prompts"
-    if test_prompts.num_rows == 0:
-        raise PipelineError(f"{where}: no test prompts (data.test_size)")
-    validate_scorers(reward, test_prompts, where)
-    sampling = cfg.sampling(generate)
-    prompts = dict(zip(test_prompts.column("prompt_id").to_pylist(), test_prompts.column("prompt").to_pylist()))
-    order = sorted(prompts)
-    pairs = [(pid, prompts[pid]) for pid in order]
-
-    generations, scores, facts = {}, {}, {}
-    for name, model_dir in zip(POLICIES, (base_dir, policy_dir)):
-        log.info("evaluate: sampling %d x %d responses from %s", len(pairs), sampling.num_responses, model_dir)
-        table, gen_metrics = run_generation(model_dir, pairs, sampling, seed)
-        rows = list(zip(*(table.column(c).to_pylist() for c in ("prompt_id", "response_idx", "response"))))
-        t0 = time.perf_counter()
-        score, _ = score_responses(rows, test_prompts, reward, where)
-        generations[name], scores[name] = table, score
-        facts[name] = {"generation_seconds": gen_metrics["seconds"],
-                       "tokens_per_second": gen_metrics["tokens_per_second"],
-                       "score_seconds": round(time.perf_counter() - t0, 3)}
-
-    trained = generations["trained"]
-    kl_rows = list(zip(*(trained.column(c).to_pylist() for c in ("prompt_id", "token_ids"))))
-    temperature = sampling.temperature or 1.0
+    if prompts.num_rows == 0:
+        raise PipelineError(f"{where}: no prompts")
+    scorers.validate(prompts, where)
+    texts = dict(zip(prompts.column("prompt_id").to_pylist(), prompts.column("prompt").to_pylist()))
+    log.info("evaluate: sampling %d x %d responses from %s", len(texts), sampling.num_responses, model_dir)
+    table, gen_metrics = run_generation(model_dir, [(pid, texts[pid]) for pid in sorted(texts)], sampling, seed)
+    rows = list(zip(*(table.column(c).to_pylist() for c in ("prompt_id", "response_idx", "response"))))
     t0 = time.perf_counter()
-    kl = policy_kl(base_dir, policy_dir, prompts, kl_rows, temperature, cfg.logprob_batch_size, sampling.dtype)
+    scores, _ = score_responses(rows, prompts, scorers, where)
+    for col in scores.column_names:
+        if col not in _KEYS:
+            table = table.append_column(col, scores.column(col))
+    return table, {"generation_seconds": gen_metrics["seconds"], "tokens_per_second": gen_metrics["tokens_per_second"],
+                   "score_seconds": round(time.perf_counter() - t0, 3)}
+
+
+def policy_summary(table: pa.Table, scorers: Scorers) -> dict:
+    """Reward mean and std, the scorers' own figures (IFEval's accuracies), mean response tokens and
+    truncated share of a :func:`sample_and_score` table."""
+    from rlhf_pipeline.rewards import reward_summary
+
+    summary = reward_summary(table, scorers)
+    finish = table.column("finish_reason").to_pylist()
+    return {"reward_mean": summary["reward_mean"], "reward_std": summary["reward_std"],
+            **{k: v for k, v in summary.items() if k.startswith("ifeval_")},
+            "mean_response_tokens": statistics.fmean(table.column("num_tokens").to_pylist()),
+            "truncated_share": sum(f == "length" for f in finish) / len(finish)}
+
+
+def compare_with_base(base: pa.Table, base_dir: str | Path, policy_dir: str | Path, prompts: pa.Table,
+                      generate: GenerateParams, scorers: Scorers, cfg: EvaluateParams, seed: int,
+                      where: str) -> tuple[pa.Table, dict]:
+    """Sample and score a policy on held-out prompts and compare it, paired, with the base policy's
+    responses to the same prompts (``base``: rows of a :func:`sample_and_score` table, same seeds).
+
+    The KL estimate (``kl.mean``, nats per response) is the mean over the policy's own responses
+    of Σ_t KL(πθ(·|x, y<t) ‖ π0(·|x, y<t)), the full-vocabulary KL summed along the response;
+    ``kl.log_ratio_mean`` is the mean of log πθ(y|x) − log π0(y|x), the plain Monte-Carlo estimate
+    of the same quantity with more variance (:func:`rlhf_pipeline.logprobs.response_kl`). Both use
+    the logits divided by the sampling temperature, as the REBEL reference computes log-probs:
+    they estimate KL(πθ ‖ π0) of those temperature-scaled policies, while the samples also pass the
+    top-p filter, so neither is exactly the KL between the two nucleus samplers. With greedy
+    decoding (temperature 0) both are taken at temperature 1 along the greedy responses.
+
+    Returns:
+        (one row per (prompt_id, response_idx), sorted: the prompt, each policy's response,
+        reward, scorer columns, tokens, finish reason and seed, and the policy response's
+        log-probs, log-ratio and KL; the metrics dict: ``reward``/``win_rate`` of
+        :func:`paired_comparison`, ``base``/``trained`` of :func:`policy_summary`, ``kl``).
+
+    Raises:
+        PipelineError: no prompts, a scorer lacks a column (before any generation), or ``base``
+            does not hold the same (prompt, response, seed) rows (other prompts or settings).
+    """
+    sampling = cfg.sampling(generate)
+    trained, facts = sample_and_score(policy_dir, prompts, sampling, scorers, seed, where)
+    keys = lambda t: list(zip(*(t.column(c).to_pylist() for c in (*_KEYS, "seed"))))  # noqa: E731
+    base = base.sort_by([(k, "ascending") for k in _KEYS])
+    if keys(base) != keys(trained):
+        raise PipelineError(f"{where}: the base policy's evaluation responses are not for the same prompts, "
+                            "responses and seeds; rerun evaluate_base")
+    texts = dict(zip(prompts.column("prompt_id").to_pylist(), prompts.column("prompt").to_pylist()))
+    order = sorted(texts)
+    kl_rows = list(zip(*(trained.column(c).to_pylist() for c in ("prompt_id", "token_ids"))))
+    t0 = time.perf_counter()
+    kl = policy_kl(base_dir, policy_dir, texts, kl_rows, sampling.temperature or 1.0, cfg.logprob_batch_size,
+                   sampling.dtype)
     kl_seconds = time.perf_counter() - t0
 
-    table = _eval_table(prompts, generations, scores, kl)
-    means = {name: per_prompt_means(scores[name].column("prompt_id").to_pylist(),
-                                    scores[name].column("reward").to_pylist(), order) for name in POLICIES}
-    metrics: dict = {"test_prompts": len(order), "responses_per_prompt": sampling.num_responses,
+    tables = {"base": base, "trained": trained}
+    table = _eval_table(texts, tables, kl)
+    means = {name: per_prompt_means(t.column("prompt_id").to_pylist(), t.column("reward").to_pylist(), order)
+             for name, t in tables.items()}
+    metrics: dict = {"prompts": len(order), "responses_per_prompt": sampling.num_responses,
                      "temperature": sampling.temperature, "top_p": sampling.top_p,
                      "max_new_tokens": sampling.max_new_tokens, "confidence": cfg.confidence,
                      "bootstrap_samples": cfg.bootstrap_samples}
     metrics.update(paired_comparison(means["base"], means["trained"], cfg.bootstrap_samples, cfg.confidence, seed))
-    for name in POLICIES:
-        summary = reward_summary(scores[name])
-        tokens = generations[name].column("num_tokens").to_pylist()
-        finish = generations[name].column("finish_reason").to_pylist()
-        metrics[name] = {
-            "reward_mean": summary["reward_mean"], "reward_std": summary["reward_std"],
-            **{k: v for k, v in summary.items() if k.startswith("ifeval_")},
-            "mean_response_tokens": statistics.fmean(tokens),
-            "truncated_share": sum(f == "length" for f in finish) / len(finish),
-            **facts[name],
-        }
+    metrics["base"] = policy_summary(base, scorers)
+    metrics["trained"] = {**policy_summary(trained, scorers), **facts}
     log_ratio = table.column("kl_log_ratio").to_pylist()
     metrics["kl"] = {"mean": statistics.fmean(kl["kl"]), "std": statistics.pstdev(kl["kl"]),
                      "per_token": sum(kl["kl"]) / max(1, sum(trained.column("num_tokens").to_pylist())),
@@ -185,31 +210,54 @@ def evaluate_policies(base_dir: str | Path, policy_dir: str | Path, test_prompts
     return table, _rounded(metrics)
 
 
-def _eval_table(prompts: dict[str, str], generations: dict[str, pa.Table], scores: dict[str, pa.Table],
-                kl: dict[str, list[float]]) -> pa.Table:
-    """One row per (prompt_id, response_idx) with both policies' responses side by side.
-
-    Generation tables come sorted by (prompt_id, response_idx) and score tables in the order of
-    their rows, so all four align by position; checked, not assumed.
-    """
-    keys = [list(zip(*(t.column(c).to_pylist() for c in _KEYS))) for t in (*generations.values(), *scores.values())]
-    if any(k != keys[0] for k in keys):
-        raise PipelineError("evaluate: the two policies' responses do not cover the same prompts")
-    base = generations["base"]
+def _eval_table(prompts: dict[str, str], tables: dict[str, pa.Table], kl: dict[str, list[float]]) -> pa.Table:
+    """One row per (prompt_id, response_idx) with both policies' responses side by side (both
+    tables sorted by the keys, checked by the caller)."""
+    base = tables["base"]
     columns: dict[str, pa.Array] = {"prompt_id": base.column("prompt_id"), "response_idx": base.column("response_idx"),
                                     "prompt": pa.array([prompts[pid] for pid in base.column("prompt_id").to_pylist()],
                                                        pa.string())}
     for name in POLICIES:
-        for col in ("response", "num_tokens", "finish_reason", "seed"):
-            columns[f"{name}_{col}"] = generations[name].column(col)
-        for col in scores[name].column_names:
-            if col not in _KEYS:
-                columns[f"{name}_{col}"] = scores[name].column(col)
+        for col in tables[name].column_names:
+            if col not in (*_KEYS, "token_ids", "split"):
+                columns[f"{name}_{col}"] = tables[name].column(col)
     columns["trained_logprob"] = pa.array(kl["policy"], pa.float64())
     columns["base_logprob_of_trained"] = pa.array(kl["reference"], pa.float64())
     columns["kl_log_ratio"] = pa.array([p - r for p, r in zip(kl["policy"], kl["reference"])], pa.float64())
     columns["kl"] = pa.array(kl["kl"], pa.float64())
     return pa.table(columns)
+
+
+#: Per-iteration figures of ``metrics/eval.json`` and the ``dvc plots`` table, from a
+#: :func:`compare_with_base` metrics dict (dotted paths).
+ITERATION_FIGURES = ("reward.diff", "reward.diff_ci_low", "reward.diff_ci_high", "win_rate.value",
+                     "trained.reward_mean", "trained.ifeval_prompt_accuracy_loose",
+                     "trained.ifeval_prompt_accuracy_strict", "trained.ifeval_instruction_accuracy_loose",
+                     "trained.ifeval_instruction_accuracy_strict", "trained.truncated_share",
+                     "trained.mean_response_tokens", "kl.mean")
+
+
+def iteration_rows(per_iteration: dict[str, dict]) -> list[dict]:
+    """One row per iteration (``iteration`` = t) of :data:`ITERATION_FIGURES` (dots made ``_``),
+    for ``dvc plots`` and MLflow step metrics; a figure absent from the metrics (no IFEval scorer)
+    is left out.
+
+    Args:
+        per_iteration: ``{"iter_<t>": compare_with_base metrics}`` in iteration order.
+    """
+    from rlhf_pipeline.iterations import iteration_number
+
+    rows = []
+    for name, metrics in per_iteration.items():
+        row: dict = {"iteration": iteration_number(name)}
+        for path in ITERATION_FIGURES:
+            value = metrics
+            for part in path.split("."):
+                value = value.get(part) if isinstance(value, dict) else None
+            if value is not None:
+                row[path.replace(".", "_")] = value
+        rows.append(row)
+    return rows
 
 
 def reward_histogram(table: pa.Table, bins: int = 10) -> list[dict]:

@@ -23,20 +23,10 @@ from tqdm.auto import tqdm
 from rlhf_pipeline.chat import prompt_token_ids
 from rlhf_pipeline.errors import PipelineError
 from rlhf_pipeline.params import SamplingParams
+from rlhf_pipeline.schemas import GENERATIONS
 
 log = logging.getLogger(__name__)
 
-GENERATIONS_SCHEMA = pa.schema(
-    [
-        ("prompt_id", pa.string()),
-        ("response_idx", pa.int32()),
-        ("response", pa.string()),
-        ("num_tokens", pa.int32()),
-        ("finish_reason", pa.string()),
-        ("seed", pa.int64()),
-        ("token_ids", pa.list_(pa.int32())),
-    ]
-)
 
 
 def response_token_ids(new_tokens: list[int], stop_ids: set[int] | list[int]) -> tuple[list[int], str]:
@@ -84,7 +74,7 @@ class Response:
 def responses_table(responses: list[Response]) -> pa.Table:
     """The ``data/generations.parquet`` table, sorted by (prompt_id, response_idx)."""
     rows = sorted(responses, key=lambda r: (r.prompt_id, r.response_idx))
-    return pa.Table.from_pylist([r.__dict__ for r in rows], schema=GENERATIONS_SCHEMA)
+    return pa.Table.from_pylist([r.__dict__ for r in rows], schema=GENERATIONS)
 
 
 class SeededSampler:

@@ -56,7 +56,8 @@ def _install(tmp: Path, final: Path) -> None:
 def output_group() -> Iterator[None]:
     """Write several outputs as one: inside the block, :func:`atomic_file` and :func:`atomic_dir`
     (and every writer built on them) write to temporary names; when the block succeeds, all are
-    renamed into place with SIGINT and SIGTERM blocked, so neither can separate them.
+    renamed into place while SIGINT and SIGTERM are held back (then delivered), so neither can
+    separate them.
 
     On an exception (a SIGINT or SIGTERM during the writes included) every temporary is removed
     and every output path is left as it was.
@@ -68,13 +69,20 @@ def output_group() -> Iterator[None]:
     token = _GROUP.set(pending)
     try:
         yield
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED_SIGNALS)
+        # Held by a Python handler, not a signal mask: a mask holds a signal back from this thread
+        # only, and a process-directed SIGTERM may land on any thread (tokenizers', OpenMP's);
+        # Python then runs its handler in the main thread at once, between two renames.
+        held: list[int] = []
+        previous = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in _DEFERRED_SIGNALS}
         try:
             while pending:
                 _install(*pending[0])
                 pending.pop(0)
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            if held:
+                signal.raise_signal(held[0])  # now, to the stage's own handler
     finally:
         _GROUP.reset(token)
         for tmp, _ in pending:

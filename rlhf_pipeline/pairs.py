@@ -18,21 +18,8 @@ import pyarrow as pa
 from rlhf_pipeline.chat import prompt_token_ids
 from rlhf_pipeline.errors import PipelineError
 from rlhf_pipeline.params import PairsParams
+from rlhf_pipeline.schemas import PAIRS
 
-PAIRS_SCHEMA = pa.schema([
-    ("prompt_id", pa.string()),
-    ("prompt_ids", pa.list_(pa.int32())),
-    ("chosen_ids", pa.list_(pa.int32())),
-    ("rejected_ids", pa.list_(pa.int32())),
-    ("chosen", pa.string()),
-    ("rejected", pa.string()),
-    ("chosen_reward", pa.float64()),
-    ("rejected_reward", pa.float64()),
-    ("chosen_response_idx", pa.int32()),
-    ("rejected_response_idx", pa.int32()),
-    ("chosen_finish_reason", pa.string()),
-    ("rejected_finish_reason", pa.string()),
-])
 
 #: Why a prompt yields no pair, in the order the filters run.
 DROP_REASONS = ("prompt_too_long", "response_too_long", "too_few_responses", "identical_texts",
@@ -162,4 +149,4 @@ def build_pairs(responses: dict[str, list[Candidate]], prompts: dict[str, str], 
         "chosen_truncated_share": round(statistics.fmean(r["chosen_finish_reason"] == "length" for r in rows), 4),
         "rejected_truncated_share": round(statistics.fmean(r["rejected_finish_reason"] == "length" for r in rows), 4),
     })
-    return pa.Table.from_pylist(rows, schema=PAIRS_SCHEMA), counts
+    return pa.Table.from_pylist(rows, schema=PAIRS), counts

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, model_validator
 
 from rlhf_pipeline.errors import PipelineError
 
@@ -69,8 +69,16 @@ class DataParams(_Section):
     data_files: str | list[str] | None = None
     split: str = "train"
     prompt_field: str = Field("prompt", min_length=1)
-    num_prompts: Int | None = Field(228, ge=2, description="train + test prompts drawn (seeded); null: all")
-    test_size: Int = Field(100, ge=1, description="held-out test prompts, never trained on")
+    num_prompts: Int | None = Field(144, ge=3, description="train + validation + test prompts drawn (seeded); "
+                                    "null: all")
+    test_size: Int = Field(48, ge=1, description="held-out test prompts: reported once per pipeline execution")
+    val_size: Int = Field(32, ge=1, description="held-out validation prompts: every iteration is evaluated on "
+                          "them; tune and choose on these, never on test")
+    prompts_per_iteration: Int = Field(
+        32, ge=1, description="train prompts each iteration draws: iteration t takes chunk t of one seeded "
+        "permutation of the train prompts (disjoint; a fixed size, so adding an iteration changes no earlier one)")
+    reuse_prompts: Bool = Field(False, description="every iteration uses the same chunk of train prompts "
+                                "(the first), as fixed-dataset iterative recipes do")
 
     @model_validator(mode="after")
     def _check_source(self) -> "DataParams":
@@ -87,9 +95,10 @@ class DataParams(_Section):
                 )
         if self.source == "huggingface" and not self.dataset:
             raise ValueError("dataset: required when source is 'huggingface'")
-        if self.num_prompts is not None and self.test_size >= self.num_prompts:
+        if self.num_prompts is not None and self.test_size + self.val_size >= self.num_prompts:
             raise ValueError(
-                f"test_size: {self.test_size} leaves no train prompts out of num_prompts={self.num_prompts}"
+                f"test_size: {self.test_size} + val_size {self.val_size} leaves no train prompts out of "
+                f"num_prompts={self.num_prompts}"
             )
         return self
 
@@ -184,15 +193,49 @@ class PairsParams(_Section):
         0.0, ge=0, description="drop pairs whose reward gap is below this; exact ties are always dropped")
 
 
+class RebelObjective(_Section):
+    """REBEL (Gao et al. 2024, Eq. 1): regress the reward gap with the log-ratio gap over η."""
+
+    name: Literal["rebel"]
+    eta: Number = Field(1.0, gt=0, description="REBEL η: the log-ratio gap is regressed onto η × reward gap")
+
+
+class DpoObjective(_Section):
+    """DPO (Rafailov et al. 2023, Eq. 7)."""
+
+    name: Literal["dpo"]
+    beta: Number = Field(0.1, gt=0, description="β: inverse strength of the KL regulariser")
+
+
+class IpoObjective(_Section):
+    """IPO (Azar et al. 2023, Eq. 17)."""
+
+    name: Literal["ipo"]
+    tau: Number = Field(0.1, gt=0, description="τ: the log-ratio gap is regressed onto 1/(2τ)")
+
+
+class SimpoObjective(_Section):
+    """SimPO (Meng et al. 2024, Eq. 6): reference-free, length-normalised."""
+
+    name: Literal["simpo"]
+    beta: Number = Field(2.0, gt=0, description="β: scale of the length-normalised log-prob")
+    gamma: Number = Field(0.5, ge=0, description="γ: target reward margin")
+
+
+#: One params model per objective; ``train.objective.name`` picks it, so ``params.yaml`` holds only
+#: the active objective's keys (and a stage's params deps name only those).
+Objective = Annotated[Union[RebelObjective, DpoObjective, IpoObjective, SimpoObjective], Field(discriminator="name")]
+
+
 class TrainParams(_Section):
     """Policy optimisation (REBEL recipe, part 4), optimiser defaults as in the REBEL reference."""
 
-    loss: Literal["rebel", "dpo", "ipo", "simpo"] = "rebel"
-    eta: Number = Field(1.0, gt=0, description="REBEL η: the log-ratio gap is regressed onto η × reward gap")
-    dpo_beta: Number = Field(0.1, gt=0)
-    ipo_tau: Number = Field(0.1, gt=0)
-    simpo_beta: Number = Field(2.0, gt=0)
-    simpo_gamma: Number = Field(0.5, ge=0)
+    objective: Objective = Field(default_factory=lambda: RebelObjective(name="rebel"),
+                                 description="the loss: {name: rebel, eta} | {name: dpo, beta} | "
+                                 "{name: ipo, tau} | {name: simpo, beta, gamma}")
+    reference: Literal["previous", "base"] = Field(
+        "previous", description="reference policy of iteration t: the policy it samples from, π_t (REBEL, "
+        "Algorithm 1), or the base policy π0 (iterative DPO recipes)")
     temperature: Number | None = Field(
         None, gt=0, description="logits are divided by it for log-probs, as in the REBEL reference; "
         "null: generate.temperature, the temperature the responses were sampled at")
@@ -243,6 +286,25 @@ class EvaluateParams(_Section):
         return SamplingParams.model_validate(base)
 
 
+class IterationParams(_Section):
+    """One REBEL iteration: ``iterations.iter_<t>: {prev: iter_<t-1>}`` (``prev: base`` for t = 1)."""
+
+    prev: str = Field(..., description="the policy iteration t samples from and starts from: base | iter_<t-1>")
+
+
+def _check_iterations(value: dict) -> dict:
+    keys = list(value)
+    if not keys:
+        raise ValueError("at least one iteration is needed, iter_1 with prev base")
+    for t, key in enumerate(keys, start=1):
+        if key != f"iter_{t}":
+            raise ValueError(f"iterations are named iter_1, iter_2, ... in order; item {t} is {key!r}")
+        want = "base" if t == 1 else f"iter_{t - 1}"
+        if value[key].prev != want:
+            raise ValueError(f"{key}.prev: {value[key].prev!r}, but iteration {t} starts from {want!r}")
+    return value
+
+
 class Params(_Section):
     """The whole of ``params.yaml``.
 
@@ -260,6 +322,8 @@ class Params(_Section):
     pairs: PairsParams
     train: TrainParams
     evaluate: EvaluateParams
+    iterations: Annotated[dict[str, IterationParams], AfterValidator(_check_iterations)] = Field(
+        ..., description="the REBEL iterations, in order; dvc.yaml runs one set of stages per item")
 
     @model_validator(mode="after")
     def _logprobs_of_the_sampled_distribution(self) -> "Params":

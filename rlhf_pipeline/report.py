@@ -1,5 +1,5 @@
 """What the ``report`` stage gathers from a finished pipeline for its MLflow run: every stage's
-metrics file, the training curve, the evaluation table and plots of both."""
+metrics file, the training curves, the per-iteration evaluation table and plots of them."""
 
 from __future__ import annotations
 
@@ -10,29 +10,18 @@ from typing import Any
 
 from rlhf_pipeline.errors import PipelineError
 
-#: Stages whose ``metrics/<stage>.json`` the run records, in pipeline order.
-STAGES = ("prepare_model", "prepare_prompts", "generate", "score", "pairs", "ref_logprobs", "train", "evaluate")
-_METRICS_NAMES = {"evaluate": "eval"}
-
-
-def metrics_file(metrics_dir: Path, stage: str) -> Path:
-    """``metrics/<stage>.json`` (``metrics/eval.json`` for ``evaluate``)."""
-    return metrics_dir / f"{_METRICS_NAMES.get(stage, stage)}.json"
-
-
-def read_stage_metrics(metrics_dir: Path) -> dict[str, dict]:
-    """``{stage: metrics}`` for every stage of :data:`STAGES`.
+def read_metrics_files(files: dict[str, Path]) -> dict[str, dict]:
+    """``{label: metrics}`` for ``{label: JSON file}``, in the given order.
 
     Raises:
-        PipelineError: a metrics file is missing or not JSON (names it).
+        PipelineError: a metrics file is missing or not JSON (names it and its label).
     """
     out = {}
-    for stage in STAGES:
-        path = metrics_file(metrics_dir, stage)
+    for label, path in files.items():
         try:
-            out[stage] = json.loads(path.read_text(encoding="utf-8"))
+            out[label] = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
-            raise PipelineError(f"{path}: cannot read the {stage} stage's metrics ({exc})") from None
+            raise PipelineError(f"{path}: cannot read the {label} metrics ({exc})") from None
     return out
 
 
@@ -57,30 +46,45 @@ def _number(text: str) -> Any:
         return text
 
 
-def figures(train_rows: list[dict[str, Any]], base_rewards: list[float], trained_rewards: list[float]) -> dict:
-    """Matplotlib figures: ``training_curves.png`` (loss, KL, sign agreement per update) and
-    ``reward_distribution.png`` (held-out rewards, base vs trained)."""
+def figures(train_logs: dict[str, list[dict[str, Any]]], iterations: list[dict[str, Any]],
+            base_rewards: list[float], trained_rewards: list[float]) -> dict:
+    """Matplotlib figures: ``training_curves.png`` (loss and KL of the chosen responses per update,
+    one line per iteration), ``iterations.png`` (validation reward difference with its interval,
+    win rate and KL against the iteration; iteration 0 is the base) and ``reward_distribution.png``
+    (test rewards, base vs the last iteration)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display in stages
     import matplotlib.pyplot as plt
 
     out = {}
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
-    steps = [r["update"] for r in train_rows]
-    axes[0].plot(steps, [r["loss"] for r in train_rows])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for name, rows in train_logs.items():
+        steps = [r["update"] for r in rows]
+        axes[0].plot(steps, [r["loss"] for r in rows], label=name)
+        if rows and "kl_chosen" in rows[0]:
+            axes[1].plot(steps, [r["kl_chosen"] for r in rows], label=name)
     axes[0].set(title="loss", xlabel="update")
-    axes[1].plot(steps, [r["kl_chosen"] for r in train_rows], label="chosen")
-    axes[1].plot(steps, [r["kl_rejected"] for r in train_rows], label="rejected")
-    axes[1].set(title="log πθ − log π0 (nats)", xlabel="update")
-    axes[1].legend()
-    axes[2].plot(steps, [r["sign_agreement"] for r in train_rows])
-    axes[2].set(title="sign agreement", xlabel="update", ylim=(-0.05, 1.05))
+    axes[1].set(title="chosen: log πθ − log π_ref (nats)", xlabel="update")
+    for ax in axes:
+        ax.legend()
     fig.tight_layout()
     out["training_curves.png"] = fig
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    t = [r["iteration"] for r in iterations]
+    axes[0].errorbar(t, [r["reward_diff"] for r in iterations],
+                     yerr=[[r["reward_diff"] - r["reward_diff_ci_low"] for r in iterations],
+                           [r["reward_diff_ci_high"] - r["reward_diff"] for r in iterations]], marker="o")
+    axes[0].set(title="validation reward − base", xlabel="iteration")
+    axes[1].plot(t, [r["win_rate_value"] for r in iterations], marker="o")
+    axes[1].set(title="validation win rate vs base", xlabel="iteration", ylim=(-0.05, 1.05))
+    axes[2].plot(t, [r["kl_mean"] for r in iterations], marker="o")
+    axes[2].set(title="KL(π_t ‖ π0), nats per response", xlabel="iteration")
+    fig.tight_layout()
+    out["iterations.png"] = fig
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.hist([base_rewards, trained_rewards], bins=10, label=["base", "trained"])
-    ax.set(title="held-out reward", xlabel="reward", ylabel="responses")
+    ax.hist([base_rewards, trained_rewards], bins=10, label=["base", "last iteration"])
+    ax.set(title="test reward", xlabel="reward", ylabel="responses")
     ax.legend()
     fig.tight_layout()
     out["reward_distribution.png"] = fig

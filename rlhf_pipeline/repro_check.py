@@ -1,12 +1,21 @@
-"""``make check-repro``: rerun the whole pipeline from scratch and compare every output's hash.
+"""Reproducibility checks: rerun the pipeline from scratch and compare every output's hash.
 
-The project's ``dvc.lock`` records the md5 of every data and model output of the last
-``dvc repro``. This reruns every stage (``dvc repro --force``) in a scratch copy of the project
-(its git files and that lock) and compares, stage by stage in pipeline order, the md5 of each
-output under ``data/`` and ``models/``. Metrics files hold timings and are not compared.
+``make check-repro`` (no ``--profile``): the project's ``dvc.lock`` records the md5 of every data
+and model output of the last ``dvc repro``. This reruns every stage (``dvc repro --force``) in a
+scratch copy of the project (its git files and that lock) and compares, stage by stage in pipeline
+order, the md5 of each output under ``data/`` and ``models/``. Metrics files hold timings and are
+not compared.
 
-Usage: ``python -m rlhf_pipeline.repro_check [--keep]`` from the project root. Exit status 0 when
-every output is byte-identical, 1 otherwise (the first differing stage and file are printed).
+``make check-repro-ci`` (``--profile envs/ci-params.yaml``): what a pull request's CI can afford.
+The profile's keys are merged over ``params.yaml`` in a scratch copy, the whole iterated DAG runs
+there (``dvc repro``), then again from scratch (``dvc repro --force``), and every output's md5 of
+the two runs is compared. ``--summary FILE`` writes a Markdown report to post on the pull request:
+that comparison, and ``dvc params diff`` / ``dvc metrics diff`` of the workspace against
+``--against REV`` (the committed params and metrics of the full runs).
+
+Usage: ``python -m rlhf_pipeline.repro_check [--keep] [--profile FILE [--against REV] [--summary
+FILE]]`` from the project root. Exit status 0 when every output is byte-identical, 1 otherwise (the
+first differing stage and file are printed), 2 on bad input.
 """
 
 from __future__ import annotations
@@ -109,11 +118,87 @@ def check(root: Path, keep: bool = False) -> int:
     return 0
 
 
+def merged(base: dict, overrides: dict) -> dict:
+    """``base`` with ``overrides`` merged in: mappings key by key, everything else replaced."""
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _dvc_markdown(root: Path, env: dict, *args: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args, "--md"], cwd=root, env=env, capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        raise PipelineError(f"dvc {' '.join(args)} failed: {proc.stderr.strip()[-500:]}")
+    return proc.stdout.strip() or "(no changes)"
+
+
+def check_profile(root: Path, profile: Path, against: str | None, summary: Path | None, keep: bool = False) -> int:
+    """Run the DAG twice on ``profile``'s params in a scratch copy of ``root`` and compare every
+    output; optionally write the Markdown ``summary``. Returns the exit status.
+
+    Raises:
+        PipelineError: the profile is missing or invalid (before any run), or a run fails.
+    """
+    from rlhf_pipeline.params import PARAMS_FILE, parse_params
+
+    try:
+        overrides = yaml.safe_load(profile.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise PipelineError(f"{profile}: cannot read the profile ({exc})") from None
+    params = merged(yaml.safe_load((root / PARAMS_FILE).read_text(encoding="utf-8")), overrides)
+    parse_params(params, f"{PARAMS_FILE} + {profile}")  # bad keys fail here, before minutes of work
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    scratch = scratch_copy(root, Path(tempfile.mkdtemp(prefix="check-repro-")) / root.name)
+    (scratch / PARAMS_FILE).write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{scratch / 'mlflow.db'}"
+    runs = []
+    try:
+        for args in (["repro"], ["repro", "--force"]):
+            print(f"check-repro: dvc {' '.join(args)} on {profile} in {scratch}", flush=True)
+            if subprocess.run([sys.executable, "-m", "dvc", *args], cwd=scratch, env=env).returncode != 0:
+                raise PipelineError(f"dvc {' '.join(args)} failed in the scratch copy {scratch}")
+            runs.append(output_md5s(scratch / "dvc.lock"))
+    finally:
+        if not keep:
+            shutil.rmtree(scratch.parent, ignore_errors=True)
+    differences = compare(*runs)
+    rows = [(stage, path, "DIFFERS" if any(d[1] == path for d in differences) else "same")
+            for stage, path, _ in runs[0]]
+    for row in rows:
+        print(f"  {row[0]:22s} {row[1]:40s} {row[2]}")
+    verdict = (f"FAILED: first difference in stage '{differences[0][0]}', file {differences[0][1]}; "
+               f"{len(differences)} output(s) differ" if differences else
+               f"OK: all {len(runs[0])} data and model outputs are byte-identical")
+    print(f"check-repro: {verdict}")
+    if summary is not None:
+        lines = [f"## Reproducibility check ({profile})", "", f"Two runs of the whole DAG from scratch: **{verdict}**.",
+                 "", "| stage | output | two runs |", "|---|---|---|"]
+        lines += [f"| {s} | `{p}` | {v} |" for s, p, v in rows]
+        if against:
+            lines += ["", f"## Params changed against `{against}`", "", _dvc_markdown(root, env, "params", "diff", against),
+                      "", f"## Metrics changed against `{against}`", "",
+                      _dvc_markdown(root, env, "metrics", "diff", against)]
+        summary.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        print(f"check-repro: summary in {summary}")
+    return 1 if differences else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--keep", action="store_true", help="keep the scratch copy")
+    parser.add_argument("--profile", type=Path, help="params overrides (e.g. envs/ci-params.yaml): run the DAG "
+                        "twice on them in a scratch copy and compare the two runs")
+    parser.add_argument("--against", help="with --profile --summary: git revision for dvc params/metrics diff")
+    parser.add_argument("--summary", type=Path, help="with --profile: write a Markdown summary here")
     args = parser.parse_args(argv)
     try:
+        if args.profile is not None:
+            return check_profile(Path.cwd(), args.profile, args.against, args.summary, keep=args.keep)
+        if args.against or args.summary:
+            raise PipelineError("--against and --summary go with --profile")
         return check(Path.cwd(), keep=args.keep)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -175,15 +175,18 @@ def _log_in_batches(client, run_id: str, params: dict[str, Any], metrics: list, 
         client.log_batch(run_id, metrics=metrics[i:i + _MAX_METRICS])
 
 
-def log_pipeline_run(params: dict[str, Any], stage_metrics: dict[str, dict], curve: list[dict[str, Any]],
-                     artifacts: list[Path], plots: dict[str, Any], root: Path, lock_path: Path) -> str:
+def log_pipeline_run(params: dict[str, Any], stage_metrics: dict[str, dict],
+                     curves: dict[str, tuple[str, list[dict[str, Any]]]], artifacts: list[Path],
+                     plots: dict[str, Any], root: Path, lock_path: Path) -> str:
     """Record one completed pipeline execution as one MLflow run.
 
     Args:
         params: the raw ``params.yaml`` mapping; logged flattened (``train.eta``).
         stage_metrics: ``{stage: metrics dict}``; numbers become metrics ``<stage>.<dotted key>``,
             strings become tags of the same name.
-        curve: per-update training rows; logged as step metrics ``train_log.<column>``.
+        curves: ``{prefix: (step column, rows)}``; each row's other columns are logged as step
+            metrics ``<prefix>.<column>`` at step ``row[step column]`` (``iter_1.train_log.loss``
+            per update; ``validation.reward_diff`` per iteration, so the MLflow UI draws the curve).
         artifacts: files logged at the run's artifact root.
         plots: ``{file name: matplotlib figure}``, logged under ``plots/``.
         lock_path: ``dvc.lock``; the md5 of each output becomes a tag ``dvc.md5.<path>``.
@@ -196,10 +199,10 @@ def log_pipeline_run(params: dict[str, Any], stage_metrics: dict[str, dict], cur
             or its API fails (:func:`server_errors`); one line either way.
     """
     with server_errors(tracking_uri(root)[0]):
-        return _log_pipeline_run(params, stage_metrics, curve, artifacts, plots, root, lock_path)
+        return _log_pipeline_run(params, stage_metrics, curves, artifacts, plots, root, lock_path)
 
 
-def _log_pipeline_run(params, stage_metrics, curve, artifacts, plots, root, lock_path) -> str:
+def _log_pipeline_run(params, stage_metrics, curves, artifacts, plots, root, lock_path) -> str:
     from mlflow.entities import Metric, RunStatus
 
     client, experiment_id = _client_and_experiment(root)
@@ -217,9 +220,11 @@ def _log_pipeline_run(params, stage_metrics, curve, artifacts, plots, root, lock
                     metrics.append(Metric(key, float(value), now, 0))
                 elif value is not None:
                     string_tags[key] = value
-        for row in curve:
-            step = int(row["update"])
-            metrics += [Metric(f"train_log.{k}", float(v), now, step) for k, v in row.items() if k != "update"]
+        for prefix, (step_column, rows) in curves.items():
+            for row in rows:
+                step = int(row[step_column])
+                metrics += [Metric(f"{prefix}.{k}", float(v), now, step) for k, v in row.items()
+                            if k != step_column and isinstance(v, (int, float))]
         _log_in_batches(client, run_id, flatten(params), metrics, {**tags, **string_tags})
         for path in artifacts:
             client.log_artifact(run_id, str(path))

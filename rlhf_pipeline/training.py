@@ -1,6 +1,9 @@
-"""Policy optimisation on chosen/rejected pairs (REBEL recipe, part 4): REBEL, DPO, IPO, SimPO.
+"""The one training loop (REBEL recipe, part 4), driven by a task and its objective.
 
-The loss is the only difference between the four (``rlhf_pipeline.losses``). Optimisation follows
+A task (``rlhf_pipeline.objectives.PairwiseTask`` for REBEL, DPO, IPO and SimPO) knows its examples'
+lengths, its figures' names, and how to compute a micro-batch's loss; everything else is here and
+shared: accelerator, optimizer, schedule, accumulation, clipping, resumable checkpoints, atomic
+save, the per-update log. Optimisation follows
 the REBEL reference: AdamW (β1 0.9, β2 0.95, eps 1e-8, weight decay 1e-6), cosine schedule with
 warm-up, gradient clipping, ``batch size = per_device_train_batch_size × gradient_accumulation_steps
 × world_size`` pairs per update, ``num_updates = total_episodes // batch size``.
@@ -30,18 +33,20 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from rlhf_pipeline.errors import PipelineError
-from rlhf_pipeline.logprobs import check_context_length, length_grouped_batches, sequence_logprobs
-from rlhf_pipeline.losses import dpo_loss, ipo_loss, rebel_loss, simpo_loss
+from rlhf_pipeline.logprobs import check_context_length, length_grouped_batches
 from rlhf_pipeline.params import TrainParams
 
 log = logging.getLogger(__name__)
 
-TRAIN_LOG_COLUMNS = ("update", "episodes", "loss", "learning_rate", "grad_norm", "kl_chosen", "kl_rejected",
-                     "predicted_reward_gap", "target_reward_gap", "sign_agreement", "tokens_per_second", "seconds")
+
+
+def train_log_columns(task) -> tuple[str, ...]:
+    """Columns of the per-update log: the loop's own around the task's figures."""
+    return ("update", "episodes", "loss", "learning_rate", "grad_norm", *task.metric_names, "tokens_per_second",
+            "seconds")
 
 
 def use_cpu() -> bool:
@@ -56,21 +61,6 @@ def is_main_process() -> bool:
     from accelerate import PartialState
 
     return PartialState(cpu=use_cpu()).is_main_process
-
-
-def check_reference(pairs: pa.Table, ref: pa.Table, where: str) -> None:
-    """The reference log-probs must be those of these pairs, row for row.
-
-    Raises:
-        PipelineError: an empty pairs file, or reference rows that differ in count, ids or order.
-    """
-    if pairs.num_rows == 0:
-        raise PipelineError(f"{where}: the pairs file has no rows")
-    a, b = pairs.column("prompt_id").to_pylist(), ref.column("prompt_id").to_pylist()
-    if a != b:
-        first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        raise PipelineError(f"{where}: reference log-probs do not match the pairs ({len(b)} vs {len(a)} rows, first "
-                            f"difference at row {first}); rerun the ref_logprobs stage")
 
 
 def episode_order(num_pairs: int, total_episodes: int, seed: int) -> list[int]:
@@ -91,7 +81,8 @@ def inputs_fingerprint(files: list[Path], cfg: TrainParams, seed: int, temperatu
     read by ``ref_logprobs`` only, nor ``mlflow_live``, which changes no weight) and the log-prob
     temperature they resolve to.
     """
-    settings = cfg.model_dump(exclude={"mlflow_live", "logprob_batch_size", "allow_temperature_mismatch"})
+    settings = cfg.model_dump(exclude={"mlflow_live", "logprob_batch_size", "allow_temperature_mismatch",
+                                       "reference"})  # the reference is in the log-prob file
     h = hashlib.sha256(json.dumps({"train": settings, "seed": seed, "temperature": temperature},
                                   sort_keys=True).encode())
     for f in files:
@@ -144,45 +135,26 @@ def _check_finite(update: int, loss: float, grad_norm: float) -> None:
                             "(check the rewards and log-probs, or lower train.learning_rate)")
 
 
-def _update_terms(loss, pc, pr, rc, rr, gc, gr, eta: float, weight: float) -> torch.Tensor:
-    """One micro-batch's share of the logged figures: loss, KL of chosen and rejected
-    (mean log πθ − log π0, nats), predicted and target reward gap, sign agreement; (6,), no grad."""
-    with torch.no_grad():
-        predicted = ((pc - rc) - (pr - rr)) / eta
-        target = gc - gr
-        return weight * torch.stack([loss, (pc - rc).mean(), (pr - rr).mean(), predicted.mean(), target.mean(),
-                                     (torch.sign(predicted) == torch.sign(target)).float().mean()]).detach().float()
-
-
-def _pair_loss(cfg: TrainParams, pc, pr, rc, rr, reward_c, reward_r, len_c, len_r) -> torch.Tensor:
-    if cfg.loss == "rebel":
-        return rebel_loss(pc, pr, rc, rr, reward_c, reward_r, cfg.eta)[0]
-    if cfg.loss == "dpo":
-        return dpo_loss(pc, pr, rc, rr, cfg.dpo_beta)
-    if cfg.loss == "ipo":
-        return ipo_loss(pc, pr, rc, rr, cfg.ipo_tau)
-    return simpo_loss(pc, pr, len_c, len_r, cfg.simpo_beta, cfg.simpo_gamma)
-
-
-def train_policy(model_dir: str | os.PathLike, pairs: pa.Table, ref: pa.Table, cfg: TrainParams, seed: int,
+def train_policy(model_dir: str | os.PathLike, task, cfg: TrainParams, seed: int,
                  out_dir: str | os.PathLike, checkpoint_dir: str | os.PathLike, fingerprint: str,
                  progress: bool = True, on_update: Callable[[dict], None] | None = None,
-                 temperature: float | None = None) -> tuple[list[dict], dict]:
-    """Train the policy from ``model_dir`` on ``pairs`` and save it to ``out_dir``.
+                 where: str = "the training data") -> tuple[list[dict], dict]:
+    """Train the policy from ``model_dir`` on ``task`` and save it to ``out_dir``.
 
+    ``task`` has ``lengths`` (tokens per example), ``metric_names``, ``tokens(idx)`` and
+    ``forward(model, idx) -> (loss, figures)`` (see ``rlhf_pipeline.objectives.PairwiseTask``).
     Resumes from ``checkpoint_dir`` when it holds a checkpoint with the same ``fingerprint``
     (same inputs and settings), and ends with the weights an uninterrupted run would have.
     ``on_update`` receives each update's log row on the main process (live MLflow metrics).
-    ``temperature``: logits are divided by it for the log-probs (default ``cfg.temperature``,
-    else 1); the stage passes the sampling temperature (``Params.logprob_temperature``).
+    ``where`` labels the inputs in error messages.
 
     Returns:
-        (one dict per update with ``TRAIN_LOG_COLUMNS``, summary for ``metrics/train.json``).
+        (one dict per update with :func:`train_log_columns`, summary for the metrics file).
 
     Raises:
-        PipelineError: empty or mismatched inputs, a sequence longer than the model's context,
-            fewer episodes than one batch, a checkpoint that cannot be loaded safely, or a
-            non-finite loss or gradient norm (before that update's optimizer step; nothing saved).
+        PipelineError: a sequence longer than the model's context, fewer episodes than one batch,
+            a checkpoint that cannot be loaded safely, or a non-finite loss or gradient norm
+            (before that update's optimizer step; nothing saved).
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -191,8 +163,6 @@ def train_policy(model_dir: str | os.PathLike, pairs: pa.Table, ref: pa.Table, c
     from rlhf_pipeline.models import default_device, load_policy, load_tokenizer, resolve_dtype
     from rlhf_pipeline.outputs import atomic_dir
 
-    check_reference(pairs, ref, "the pairs and reference log-prob files")
-    temperature = temperature or cfg.temperature or 1.0
     dtype = resolve_dtype(cfg.dtype, default_device())
     # accelerate keeps one state per process: create the Accelerator once, with its final settings.
     accelerator = Accelerator(cpu=use_cpu(),
@@ -205,22 +175,19 @@ def train_policy(model_dir: str | os.PathLike, pairs: pa.Table, ref: pa.Table, c
         ds["gradient_clipping"] = cfg.max_grad_norm  # DeepSpeed clips inside its step
     world, rank = accelerator.num_processes, accelerator.process_index
     batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
-    total = cfg.total_episodes or pairs.num_rows * cfg.epochs
+    num_examples = len(task.lengths)
+    total = cfg.total_episodes or num_examples * cfg.epochs
     num_updates = total // batch
     if num_updates == 0:
-        raise PipelineError(f"train.total_episodes: {total} episodes is less than one batch of {batch} pairs")
+        raise PipelineError(f"train.total_episodes: {total} episodes is less than one batch of {batch} examples")
 
-    prompts, chosen, rejected = (pairs.column(c).to_pylist() for c in ("prompt_ids", "chosen_ids", "rejected_ids"))
-    reward_c = torch.tensor(pairs.column("chosen_reward").to_pylist(), dtype=torch.float32)
-    reward_r = torch.tensor(pairs.column("rejected_reward").to_pylist(), dtype=torch.float32)
-    ref_c = torch.tensor(ref.column("chosen_logprob").to_pylist(), dtype=torch.float32)
-    ref_r = torch.tensor(ref.column("rejected_logprob").to_pylist(), dtype=torch.float32)
-    lengths = [len(p) + max(len(c), len(r)) for p, c, r in zip(prompts, chosen, rejected)]
+    lengths = task.lengths
+    columns = train_log_columns(task)
 
     set_seed(seed)
     tok = load_tokenizer(model_dir)
     model = load_policy(model_dir, torch.float32, accelerator.device)
-    check_context_length(lengths, getattr(model.config, "max_position_embeddings", None), "the pairs file")
+    check_context_length(lengths, getattr(model.config, "max_position_embeddings", None), where)
     model.train()
     for module in model.modules():  # dropout off: log-probs must be those of the policy itself
         if isinstance(module, torch.nn.Dropout):
@@ -252,9 +219,8 @@ def train_policy(model_dir: str | os.PathLike, pairs: pa.Table, ref: pa.Table, c
         log.info("resumed from update %d of %d", done, num_updates)
     resumed_from = done
 
-    order = episode_order(pairs.num_rows, num_updates * batch, seed)
+    order = episode_order(num_examples, num_updates * batch, seed)
     t_start = time.perf_counter()
-    pad = tok.pad_token_id
     for u in range(done, num_updates):
         t0 = time.perf_counter()
         mine = order[u * batch:(u + 1) * batch][rank::world]
@@ -262,41 +228,34 @@ def train_policy(model_dir: str | os.PathLike, pairs: pa.Table, ref: pa.Table, c
         # micro-batches, so accelerate's step count reaches its sync point at the last one.
         micro = [[mine[i] for i in group] for group in
                  length_grouped_batches([lengths[i] for i in mine], cfg.per_device_train_batch_size)]
-        sums = torch.zeros(6)  # loss, kl_c, kl_r, predicted gap, target gap, sign agreement (pair-weighted)
+        sums = torch.zeros(1 + len(task.metric_names))  # loss and the task's figures, example-weighted
         tokens = 0
         grad_norm = float("nan")
         for idx in micro:
             with accelerator.accumulate(model), accelerator.autocast():
-                logps = sequence_logprobs(model, [prompts[i] for i in idx] * 2,
-                                          [chosen[i] for i in idx] + [rejected[i] for i in idx], pad, temperature)
-                pc, pr = logps[: len(idx)], logps[len(idx):]
-                rc, rr = ref_c[idx].to(pc.device), ref_r[idx].to(pc.device)
-                gc, gr = reward_c[idx].to(pc.device), reward_r[idx].to(pc.device)
-                lc = torch.tensor([len(chosen[i]) for i in idx], dtype=torch.float32, device=pc.device)
-                lr_ = torch.tensor([len(rejected[i]) for i in idx], dtype=torch.float32, device=pc.device)
-                loss = _pair_loss(cfg, pc, pr, rc, rr, gc, gr, lc, lr_)
+                loss, figures = task.forward(model, idx)
                 accelerator.backward(loss)  # divided by the accumulation steps there (or by DeepSpeed)
-                sums += _update_terms(loss, pc, pr, rc, rr, gc, gr, cfg.eta, len(idx) / len(mine)).cpu()
+                sums += len(idx) / len(mine) * torch.cat([loss.detach().float().reshape(1), figures]).cpu()
                 if accelerator.sync_gradients:
                     grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
                     reduced = accelerator.reduce(sums.to(accelerator.device), "mean").cpu()
                     _check_finite(u + 1, float(reduced[0]), grad_norm)
                 optimizer.step()  # accelerate's wrapper steps only when gradients are synced
                 optimizer.zero_grad(set_to_none=True)
-            tokens += sum(2 * len(prompts[i]) + len(chosen[i]) + len(rejected[i]) for i in idx)
+            tokens += task.tokens(idx)
         if not accelerator.sync_gradients:
             raise RuntimeError(f"update {u + 1}: accumulation ended off its sync point")  # a bug, not bad input
         lr_now = scheduler.get_last_lr()[0]
         scheduler.step()
         seconds = time.perf_counter() - t0
-        row = dict(zip(TRAIN_LOG_COLUMNS, [u + 1, (u + 1) * batch, float(reduced[0]), lr_now, grad_norm,
+        row = dict(zip(columns, [u + 1, (u + 1) * batch, float(reduced[0]), lr_now, grad_norm,
                                             *[float(x) for x in reduced[1:]], tokens * world / seconds, seconds]))
         rows.append(row)
         if on_update is not None and accelerator.is_main_process:
             on_update(row)
         if progress and accelerator.is_main_process:
-            log.info("update %d/%d loss %.4f kl %.3f/%.3f grad %.3f", u + 1, num_updates, row["loss"],
-                     row["kl_chosen"], row["kl_rejected"], row["grad_norm"])
+            log.info("update %d/%d loss %.4f grad %.3f %s", u + 1, num_updates, row["loss"], row["grad_norm"],
+                     " ".join(f"{k} {row[k]:.3f}" for k in task.metric_names))
         if (u + 1) % cfg.save_every == 0 and u + 1 < num_updates:
             _save_checkpoint(accelerator, incoming, latest, fingerprint,
                              {"update": u + 1, "rows": rows, "scheduler": scheduler.state_dict()})
@@ -312,10 +271,9 @@ def train_policy(model_dir: str | os.PathLike, pairs: pa.Table, ref: pa.Table, c
             tok.save_pretrained(tmp)
         shutil.rmtree(ckpt, ignore_errors=True)
     seconds = time.perf_counter() - t_start
-    summary = {"pairs": pairs.num_rows, "updates": num_updates, "episodes": num_updates * batch, "batch_size": batch,
-               "world_size": world, "loss": cfg.loss, "final_loss": rows[-1]["loss"],
-               "final_kl_chosen": rows[-1]["kl_chosen"], "final_kl_rejected": rows[-1]["kl_rejected"],
-               "final_sign_agreement": rows[-1]["sign_agreement"], "resumed_from_update": resumed_from,
+    summary = {"examples": num_examples, "updates": num_updates, "episodes": num_updates * batch, "batch_size": batch,
+               "world_size": world, "objective": cfg.objective.name, "final_loss": rows[-1]["loss"],
+               **{f"final_{k}": rows[-1][k] for k in task.metric_names}, "resumed_from_update": resumed_from,
                "seconds": round(seconds, 3), "dtype": str(dtype).removeprefix("torch."),
                "tokens_per_second": round(sum(r["tokens_per_second"] * r["seconds"] for r in rows[resumed_from:])
                                           / max(1e-9, sum(r["seconds"] for r in rows[resumed_from:])), 1)}

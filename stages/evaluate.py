@@ -1,31 +1,31 @@
-"""evaluate: base and trained policy on the held-out test prompts -> ``data/eval.parquet``,
-``metrics/eval.json`` and the reward histogram for ``dvc plots``."""
+"""evaluate: iteration t's policy against the base policy on the validation prompts (paired, same
+seeds) -> its comparison table and metrics (reward difference, win rate, IFEval accuracies, KL).
 
-import pyarrow as pa
+Validation only: tuning and the choice of the number of iterations read these; the test prompts
+are evaluated once per pipeline execution, by ``evaluate_test``.
+"""
 
-from rlhf_pipeline.cli import peak_rss_mb, run_stage
-from rlhf_pipeline.evaluation import evaluate_policies, reward_histogram
-from rlhf_pipeline.outputs import output_group, read_parquet, write_json, write_parquet, write_tsv
+import pyarrow.compute as pc
+
+from rlhf_pipeline.cli import peak_rss_mb, run_stage, stage_args
+from rlhf_pipeline.evaluation import compare_with_base
+from rlhf_pipeline.outputs import output_group, read_parquet, write_json, write_parquet
 from rlhf_pipeline.params import load_params
-
-BASE = "models/base"
-POLICY = "models/policy"
-PROMPTS = "data/prompts/test.parquet"
-OUT = "data/eval.parquet"
-METRICS = "metrics/eval.json"
-HISTOGRAM = "metrics/eval_reward_hist.tsv"
+from rlhf_pipeline.rewards import Scorers
+from rlhf_pipeline.schemas import PROMPTS, columns
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    args = stage_args(argv, __doc__, "policy", "base", "base-responses", "prompts", "out", "metrics")
     params = load_params()
-    prompts = read_parquet(PROMPTS, {"prompt_id": pa.string(), "prompt": pa.string()})
-    table, metrics = evaluate_policies(BASE, POLICY, prompts, params.generate, params.reward, params.evaluate,
-                                       params.seed)
-    histogram = reward_histogram(table)
+    prompts = read_parquet(args.prompts, columns(PROMPTS))
+    base = read_parquet(args.base_responses, {"split": None})
+    base = base.filter(pc.equal(base.column("split"), "val"))
+    table, metrics = compare_with_base(base, args.base, args.policy, prompts, params.generate, Scorers(params.reward),
+                                       params.evaluate, params.seed, args.prompts)
     with output_group():
-        write_parquet(table, OUT)
-        write_tsv(histogram, ("reward", "base", "trained"), HISTOGRAM)
-        write_json({**metrics, "peak_rss_mb": peak_rss_mb()}, METRICS)
+        write_parquet(table, args.out)
+        write_json({"split": "val", "policy": args.policy, **metrics, "peak_rss_mb": peak_rss_mb()}, args.metrics)
 
 
 if __name__ == "__main__":

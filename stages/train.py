@@ -1,51 +1,54 @@
-"""train: base policy + pairs + reference log-probs -> ``models/policy/`` (REBEL by default).
+"""train: policy π_t + pairs + reference log-probs -> π_{t+1} (REBEL by default; ``train.objective``).
 
-Run as one process on CPU (``dvc repro``), or on several with
-``accelerate launch [--config_file envs/accelerate/deepspeed_zero3.yaml] -m stages.train``: only the
-main process writes the policy and the metrics.
+Run as one process on CPU (``dvc repro``), or on several with ``accelerate launch [--config_file
+envs/accelerate/deepspeed_zero3.yaml] -m stages.train --policy … --out …``: only the main process
+writes the policy and the metrics. Resumable state of an interrupted run lives beside the output,
+in ``<out's folder>/.checkpoints/<out's name>`` (one per output: iterations never share one), and
+is removed when the stage completes.
 """
 
 from pathlib import Path
 
-import pyarrow as pa
-
-from rlhf_pipeline.cli import peak_rss_mb, run_stage
+from rlhf_pipeline.cli import peak_rss_mb, run_stage, stage_args
+from rlhf_pipeline.iterations import iteration_number, iteration_seed
+from rlhf_pipeline.models import load_tokenizer
+from rlhf_pipeline.objectives import PairwiseTask, make_objective
 from rlhf_pipeline.outputs import output_group, read_parquet, write_json, write_tsv
 from rlhf_pipeline.params import load_params
-from rlhf_pipeline.training import TRAIN_LOG_COLUMNS, inputs_fingerprint, is_main_process, train_policy
-
-MODEL = "models/base"
-PAIRS = "data/pairs.parquet"
-REF = "data/ref_logprobs.parquet"
-OUT = "models/policy"
-# Not a DVC output: resumable state of an interrupted run, removed when the stage completes.
-CHECKPOINTS = "models/.checkpoints/train"
-METRICS = "metrics/train.json"
-LOG = "metrics/train_log.tsv"
+from rlhf_pipeline.schemas import PAIRS, REF_LOGPROBS, columns
+from rlhf_pipeline.training import inputs_fingerprint, is_main_process, train_log_columns, train_policy
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    args = stage_args(argv, __doc__, "iteration", "policy", "pairs", "ref-logprobs", "out", "metrics", "log")
     params = load_params()
-    ids = pa.list_(pa.int32())
-    pairs = read_parquet(PAIRS, {"prompt_id": pa.string(), "prompt_ids": ids, "chosen_ids": ids, "rejected_ids": ids,
-                                 "chosen_reward": pa.float64(), "rejected_reward": pa.float64()})
-    ref = read_parquet(REF, {"prompt_id": pa.string(), "chosen_logprob": pa.float64(), "rejected_logprob": pa.float64()})
+    seed = iteration_seed(params.seed, iteration_number(args.iteration))
+    pairs = read_parquet(args.pairs, columns(PAIRS, "prompt_id", "prompt_ids", "chosen_ids", "rejected_ids",
+                                             "chosen_reward", "rejected_reward"))
+    ref = read_parquet(args.ref_logprobs, columns(REF_LOGPROBS))
     temperature = params.logprob_temperature()
-    fingerprint = inputs_fingerprint([Path(PAIRS), Path(REF), Path(MODEL) / "model.safetensors"],
-                                     params.train, params.seed, temperature)
+    task = PairwiseTask(pairs, ref, make_objective(params.train.objective), load_tokenizer(args.policy).pad_token_id,
+                        temperature, f"{args.pairs} and {args.ref_logprobs}")
+    out = Path(args.out)
+    fingerprint = inputs_fingerprint([Path(args.pairs), Path(args.ref_logprobs), Path(args.policy) / "model.safetensors"],
+                                     params.train, seed, temperature)
     main_process = is_main_process()
     live = None
     if params.train.mlflow_live and main_process:  # before training: an unreachable server fails here
         from rlhf_pipeline.tracking import LiveRun
 
-        live = LiveRun({"seed": params.seed, "train": params.train.model_dump(exclude={"logprob_batch_size"})})
+        live = LiveRun({"seed": params.seed, "iteration": args.iteration,
+                        "train": params.train.model_dump(
+                            exclude={"logprob_batch_size", "reference", "allow_temperature_mismatch"})})
     try:
         with output_group():  # the policy, its log and its metrics appear together
-            rows, summary = train_policy(MODEL, pairs, ref, params.train, params.seed, OUT, CHECKPOINTS, fingerprint,
-                                         on_update=live.log_update if live else None, temperature=temperature)
+            rows, summary = train_policy(args.policy, task, params.train, seed, out,
+                                         out.parent / ".checkpoints" / out.name, fingerprint,
+                                         on_update=live.log_update if live else None, where=args.pairs)
             if main_process:
-                write_tsv(rows, TRAIN_LOG_COLUMNS, LOG)
-                write_json({**summary, "temperature": temperature, "peak_rss_mb": peak_rss_mb()}, METRICS)
+                write_tsv(rows, train_log_columns(task), args.log)
+                write_json({"iteration": args.iteration, **summary, "temperature": temperature,
+                            "peak_rss_mb": peak_rss_mb()}, args.metrics)
     except BaseException:
         if live:
             live.finish(ok=False)

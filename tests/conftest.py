@@ -65,6 +65,28 @@ def tiny_policy(tiny_model_dir):
     return load_policy(tiny_model_dir, torch.float32, torch.device("cpu")), load_tokenizer(tiny_model_dir)
 
 
+#: Each stage's command line in a one-iteration project laid out as before iterations (data/*.parquet),
+#: for tests that run a stage module by itself; dvc.yaml passes the same options with its own paths.
+STAGE_ARGS = {
+    "prepare_model": "--out models/base --metrics metrics/prepare_model.json",
+    "prepare_prompts": "--model models/base --train data/prompts/train.parquet --val data/prompts/val.parquet "
+                       "--test data/prompts/test.parquet --metrics metrics/prepare_prompts.json",
+    "generate": "--iteration iter_1 --policy models/base --prompts data/prompts/train.parquet "
+                "--out data/generations.parquet --metrics metrics/generate.json",
+    "score": "--generations data/generations.parquet --prompts data/prompts/train.parquet --out data/scores.parquet "
+             "--metrics metrics/score.json",
+    "pairs": "--tokenizer models/base --prompts data/prompts/train.parquet --generations data/generations.parquet "
+             "--scores data/scores.parquet --out data/pairs.parquet --metrics metrics/pairs.json",
+    "ref_logprobs": "--previous models/base --base models/base --pairs data/pairs.parquet "
+                    "--out data/ref_logprobs.parquet --metrics metrics/ref_logprobs.json",
+}
+
+
+def stage_command(name: str) -> list[str]:
+    """``python -m stages.<name> <STAGE_ARGS[name]>`` with this interpreter."""
+    return [sys.executable, "-m", f"stages.{name}", *STAGE_ARGS[name].split()]
+
+
 def make_project_clone(dest: Path) -> Path:
     """A temporary git repository holding the project's working tree, DVC outputs and lock excluded."""
     from rlhf_pipeline.repro_check import scratch_copy
@@ -107,7 +129,8 @@ def tiny_overrides(model_dir, reward_model_dir) -> dict:
     return {
         "seed": 7,
         "policy": {"model": str(model_dir)},
-        "data": {"source": "ifeval", "num_prompts": 16, "test_size": 4},
+        # 12 train prompts: 4 per iteration, so a third iteration fits (tests/test_pipeline_dvc.py)
+        "data": {"source": "ifeval", "num_prompts": 20, "test_size": 4, "val_size": 4, "prompts_per_iteration": 4},
         "generate": {"num_responses": 4, "max_new_tokens": 16, "batch_size": 16, "dtype": "float32"},
         # A random tiny policy follows no IFEval instruction, so every IFEval reward ties; the tiny
         # reward model's continuous score gives each prompt a spread, hence pairs.

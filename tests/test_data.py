@@ -25,32 +25,34 @@ def test_ifeval_has_541_prompts_with_checker_fields():
 
 def test_split_is_seeded_disjoint_sorted_and_typed():
     ps = load_ifeval()
-    a = split_prompts(ps, 40, 10, seed=1)
-    b = split_prompts(ps, 40, 10, seed=1)
-    c = split_prompts(ps, 40, 10, seed=2)
-    assert a.train.equals(b.train) and a.test.equals(b.test)
+    a = split_prompts(ps, 40, 10, 5, seed=1)
+    b = split_prompts(ps, 40, 10, 5, seed=1)
+    c = split_prompts(ps, 40, 10, 5, seed=2)
+    assert a.train.equals(b.train) and a.test.equals(b.test) and a.val.equals(b.val)
     assert not a.train.equals(c.train)
     train, test = a.train.column("prompt_id").to_pylist(), a.test.column("prompt_id").to_pylist()
-    assert len(train) == 30 and len(test) == 10 and not set(train) & set(test)
-    assert train == sorted(train) and test == sorted(test)
+    val = a.val.column("prompt_id").to_pylist()
+    assert len(train) == 25 and len(test) == 10 and len(val) == 5
+    assert not set(train) & set(test) and not set(train) & set(val) and not set(val) & set(test)
+    assert train == sorted(train) and test == sorted(test) and val == sorted(val)
     assert a.train.schema.field("instruction_id_list").type == pa.list_(pa.string())
     for pid, text in zip(train, a.train.column("prompt").to_pylist()):
         assert pid == prompt_id(text)
     assert a.counts == {"source_rows": 541, "duplicates_dropped": 0, "unique_prompts": 541,
-                        "selected": 40, "train_prompts": 30, "test_prompts": 10}
+                        "selected": 40, "train_prompts": 25, "val_prompts": 5, "test_prompts": 10}
 
 
 def test_test_set_does_not_move_when_num_prompts_changes():
     ps = load_ifeval()
-    small, large = split_prompts(ps, 30, 10, seed=3), split_prompts(ps, 200, 10, seed=3)
-    assert small.test.equals(large.test)
+    small, large = split_prompts(ps, 30, 10, 5, seed=3), split_prompts(ps, 200, 10, 5, seed=3)
+    assert small.test.equals(large.test) and small.val.equals(large.val)
     assert set(small.train.column("prompt_id").to_pylist()) <= set(large.train.column("prompt_id").to_pylist())
 
 
 def test_source_order_and_duplicates_do_not_change_the_draw():
     prompts = [f"prompt number {i}" for i in range(20)]
-    a = split_prompts(PromptSet("a", prompts), 10, 3, seed=0)
-    b = split_prompts(PromptSet("b", list(reversed(prompts)) + prompts[:5]), 10, 3, seed=0)
+    a = split_prompts(PromptSet("a", prompts), 10, 3, 2, seed=0)
+    b = split_prompts(PromptSet("b", list(reversed(prompts)) + prompts[:5]), 10, 3, 2, seed=0)
     assert a.train.equals(b.train) and a.test.equals(b.test)
     assert b.counts["duplicates_dropped"] == 5
 
@@ -58,9 +60,29 @@ def test_source_order_and_duplicates_do_not_change_the_draw():
 def test_split_errors_name_the_key():
     ps = PromptSet("src", ["a", "b", "c"])
     with pytest.raises(PipelineError, match="data.num_prompts: 5 requested but src has 3"):
-        split_prompts(ps, 5, 1, 0)
-    with pytest.raises(PipelineError, match="data.test_size: 3 leaves no train prompts out of 3"):
-        split_prompts(ps, None, 3, 0)
+        split_prompts(ps, 5, 1, 1, 0)
+    with pytest.raises(PipelineError, match=r"data.test_size: 2 \+ data.val_size 1 leave no train prompts out of 3"):
+        split_prompts(ps, None, 2, 1, 0)
+
+
+def test_iteration_chunks_are_disjoint_seeded_and_independent_of_the_count():
+    from rlhf_pipeline.iterations import iteration_number, iteration_prompts, iteration_seed
+
+    train = split_prompts(load_ifeval(), 40, 5, 5, seed=0).train  # 30 rows
+    chunks = [iteration_prompts(train, t, 10, False, 7, "train.parquet").column("prompt_id").to_pylist()
+              for t in (1, 2, 3)]
+    assert all(len(c) == 10 and c == sorted(c) for c in chunks)
+    assert len(set().union(*chunks)) == 30  # disjoint, together the whole train set
+    assert iteration_prompts(train.take(list(reversed(range(30)))), 2, 10, False, 7, "x").column(
+        "prompt_id").to_pylist() == chunks[1]  # row order of the file does not matter
+    assert iteration_prompts(train, 3, 10, True, 7, "x").column("prompt_id").to_pylist() == chunks[0]  # reuse
+    with pytest.raises(PipelineError, match=r"train.parquet: iteration 4 needs train prompts 31..40 "
+                                            r"\(data.prompts_per_iteration=10\) but there are 30"):
+        iteration_prompts(train, 4, 10, False, 7, "train.parquet")
+    assert iteration_seed(7, 1) == 7 and len({iteration_seed(7, t) for t in (1, 2, 3)}) == 3
+    assert iteration_number("iter_12") == 12
+    with pytest.raises(PipelineError, match="iteration 'iter_0'"):
+        iteration_number("iter_0")
 
 
 def test_jsonl_and_parquet_files(tmp_path):

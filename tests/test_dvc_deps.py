@@ -1,11 +1,13 @@
 """`dvc.yaml` lists exactly what each stage reads: its code (every project module it can import,
-lazily imported ones included), its input files, and the params sections it reads.
+lazily imported ones included), its input files, and the params keys it reads.
 
-Code: derived statically from the stage module's imports (anywhere in a module, so an import
-inside a function counts), followed transitively through ``rlhf_pipeline`` and ``stages``, package
-``__init__`` files included. Files: the stage module's path constants. Params: recorded at run
-time by running each stage's own ``main`` on the tiny pipeline with a params object that logs
-every field read (see ``test_params_read_match_dvc_yaml`` in tests/test_pipeline_dvc.py).
+Checked on DVC's own resolved pipeline (``Repo.index.stages``: every ``foreach`` item expanded
+with the committed params.yaml), so templated stages are checked as DVC runs them. Code: derived
+statically from the stage module's imports (anywhere in a module, so an import inside a function
+counts), followed transitively through ``rlhf_pipeline`` and ``stages``, package ``__init__``
+files included. Files: the paths on the stage's command line. Params: recorded at run time by
+running each stage's own ``main`` on the tiny pipeline with a params object that logs every field
+read (see ``test_params_read_match_dvc_yaml`` in tests/test_pipeline_dvc.py).
 """
 
 from __future__ import annotations
@@ -15,13 +17,36 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
-
 from conftest import REPO
 
-DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
-STAGES = DVC["stages"]
 PACKAGES = ("rlhf_pipeline", "stages")
+#: Where a stage's command line names project data (``dvc.lock`` is DVC's own file, not a dep).
+DATA = ("data/", "models", "metrics")
+
+
+def resolved_stages(project: Path = REPO) -> dict[str, dict]:
+    """``{stage name: {cmd, deps, outs, params}}`` of DVC's resolved pipeline (``generate@iter_1`` …).
+
+    ``deps`` and ``outs`` are sets of paths; ``params`` is the list of params.yaml keys (a key of
+    ``None`` means the whole file).
+    """
+    from dvc.repo import Repo
+
+    out = {}
+    with Repo(str(project)) as repo:
+        for stage in repo.index.stages:
+            deps, params = set(), []
+            for dep in stage.deps:
+                if type(dep).__name__ == "ParamsDependency":
+                    params.extend(dep.params or [None])
+                else:
+                    deps.add(dep.def_path)
+            out[stage.name] = {"cmd": stage.cmd, "deps": deps, "outs": {o.def_path for o in stage.outs},
+                               "params": params}
+    return out
+
+
+STAGES = resolved_stages()
 
 
 def module_file(name: str) -> Path | None:
@@ -78,70 +103,71 @@ def code_deps(stage_module: str) -> set[str]:
 
 def stage_module(stage: str) -> str:
     cmd = STAGES[stage]["cmd"]
-    match = re.fullmatch(r"python -m (stages\.\w+)", cmd)
-    assert match, f"{stage}: the command should be `python -m stages.<stage>`, got {cmd!r}"
+    match = re.match(r"python -m (stages\.\w+)( --[\w-]+ \S+)*$", cmd)
+    assert match, f"{stage}: the command should be `python -m stages.<stage> --option value ...`, got {cmd!r}"
     return match.group(1)
 
 
-def declared(stage: str, key: str) -> set[str]:
-    out = set()
-    for entry in STAGES[stage].get(key, []):
-        out.add(next(iter(entry)) if isinstance(entry, dict) else entry)
-    return out
+def stage_argv(stage: str) -> list[str]:
+    """The arguments after ``python -m stages.<stage>`` in the resolved command."""
+    return STAGES[stage]["cmd"].split()[3:]
 
 
-def path_constants(stage: str) -> set[str]:
-    """Module-level string (or ``Path("...")``) constants of the stage file that name project
-    data: ``data/``, ``models/``, ``metrics/`` (hidden folders such as checkpoints excluded)."""
-    tree = ast.parse((REPO / "stages" / f"{stage}.py").read_text())
-    out = set()
-    for node in tree.body:
-        if isinstance(node, ast.Assign):
-            value = node.value
-            if isinstance(value, ast.Call) and getattr(value.func, "id", "") == "Path" and value.args:
-                value = value.args[0]
-            if isinstance(value, ast.Constant) and isinstance(value.value, str):
-                if re.match(r"(data|models|metrics)/(?!\.)", value.value):
-                    out.add(value.value)
-    return out
+def command_paths(stage: str) -> set[str]:
+    """Values of the stage's command-line options that name project data."""
+    argv = stage_argv(stage)
+    return {v for v in argv[1::2] if v.startswith(DATA)}
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_code_deps_are_exactly_the_modules_the_stage_imports(stage):
-    listed = {d for d in declared(stage, "deps") if d.endswith(".py")}
+    listed = {d for d in STAGES[stage]["deps"] if d.endswith(".py")}
     needed = code_deps(stage_module(stage))
     assert listed == needed, f"{stage}: missing {sorted(needed - listed)}, extra {sorted(listed - needed)}"
 
 
-def report_inputs() -> set[str]:
-    from rlhf_pipeline.report import STAGES as REPORTED, metrics_file
-
-    return {str(metrics_file(Path("metrics"), s)) for s in REPORTED}
-
-
 @pytest.mark.parametrize("stage", sorted(STAGES))
-def test_file_deps_and_outputs_are_the_stage_paths(stage):
-    deps = {d for d in declared(stage, "deps") if not d.endswith(".py")}
-    outs = declared(stage, "outs") | declared(stage, "metrics") | declared(stage, "plots")
-    paths = path_constants(stage)
+def test_file_deps_and_outputs_are_the_paths_on_the_command_line(stage):
+    deps = {d for d in STAGES[stage]["deps"] if not d.endswith(".py")}
+    outs = STAGES[stage]["outs"]
+    paths = command_paths(stage)
     if stage == "prepare_prompts":
         from rlhf_pipeline.params import PROMPT_SOURCES_DIR
 
         paths.add(PROMPT_SOURCES_DIR)  # a file source must live there (checked by the params schema)
-    if stage == "report":
-        paths |= report_inputs()
-    assert deps | outs == paths, (f"{stage}: declared but not in the stage file: {sorted((deps | outs) - paths)}; "
-                                  f"in the stage file but not declared: {sorted(paths - (deps | outs))}")
-    # What a stage writes is no input of its own, and every other stage's output it reads is listed.
+    assert deps | outs == paths, (f"{stage}: declared but not on the command line: {sorted((deps | outs) - paths)}; "
+                                  f"on the command line but not declared: {sorted(paths - (deps | outs))}")
+    # What a stage writes is no input of its own.
     assert not deps & outs
 
 
+def _overlaps(a: str, b: str) -> bool:
+    return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
+
+
 def test_every_dep_that_another_stage_writes_is_a_declared_output():
-    outputs = set().union(*(declared(s, "outs") | declared(s, "metrics") | declared(s, "plots") for s in STAGES))
-    for stage in STAGES:
-        for dep in declared(stage, "deps"):
-            if dep.startswith(("data/", "models/", "metrics/")) and dep != "data/sources":
-                assert dep in outputs, f"{stage} reads {dep}, which no stage writes"
+    outputs = set().union(*(s["outs"] for s in STAGES.values()))
+    for stage, spec in STAGES.items():
+        for dep in spec["deps"]:
+            if dep.startswith(DATA) and dep != "data/sources":
+                # a file another stage writes, or a folder holding such outputs (report reads metrics/)
+                assert any(_overlaps(dep, o) for o in outputs), f"{stage} reads {dep}, which no stage writes"
+
+
+def test_iterations_chain_policies_and_keep_their_files_apart():
+    """Iteration t samples from and starts from models/<prev>, writes models/iter_t, and no two
+    stages write the same path."""
+    from rlhf_pipeline.params import load_params
+
+    names = list(load_params(REPO / "params.yaml").iterations)
+    assert len(names) >= 2
+    for t, name in enumerate(names, start=1):
+        prev = "models/base" if t == 1 else f"models/iter_{t - 1}"
+        assert prev in STAGES[f"generate@{name}"]["deps"] and prev in STAGES[f"train@{name}"]["deps"]
+        assert f"models/{name}" in STAGES[f"train@{name}"]["outs"]
+        assert {prev, "models/base"} <= STAGES[f"ref_logprobs@{name}"]["deps"]
+    outs = [o for s in STAGES.values() for o in s["outs"]]
+    assert len(outs) == len(set(outs))
 
 
 # ---- params: recorded at run time -------------------------------------------------------------
@@ -183,9 +209,22 @@ class ParamsRecorder:
         if name == "model_dump":
             def dump(**kwargs):
                 exclude = set(kwargs.get("exclude") or ())
+
+                def record(m, path):  # every leaf under a dumped field, nested models included
+                    for field in type(m).model_fields:
+                        value = getattr(m, field)
+                        if isinstance(value, BaseModel):
+                            record(value, f"{path}.{field}")
+                        else:
+                            self._log.add(f"{path}.{field}")
+
                 for field in type(model).model_fields:
                     if field not in exclude:
-                        self._log.add(self._key(field))
+                        value = getattr(model, field)
+                        if isinstance(value, BaseModel):
+                            record(value, self._key(field))
+                        else:
+                            self._log.add(self._key(field))
                 return model.model_dump(**kwargs)
             return dump
         attr = getattr(type(model), name, None)
@@ -198,10 +237,7 @@ class ParamsRecorder:
 
 
 def declared_params(stage: str) -> list[str]:
-    out = []
-    for entry in STAGES[stage].get("params", []):
-        out.extend([entry] if isinstance(entry, str) else [f"file:{k}" for k in entry])
-    return out
+    return list(STAGES[stage]["params"])
 
 
 def all_leaf_keys(section_path: str) -> set[str]:
@@ -226,7 +262,7 @@ def check_params_read(stage: str, read: set[str]) -> None:
     declared_keys = set()
     for entry in declared_params(stage):
         declared_keys |= all_leaf_keys(entry)
-    read_or_other = read | OTHER_PATHS.get(stage, set())
+    read_or_other = read | OTHER_PATHS.get(stage.split("@")[0], set())
     undeclared = sorted(k for k in read if k not in declared_keys)
     unread = sorted(declared_keys - read_or_other)
     assert not undeclared and not unread, f"{stage}: reads undeclared {undeclared}; declares unread {unread}"

@@ -5,8 +5,9 @@ import pyarrow as pa
 import pytest
 
 from rlhf_pipeline.errors import PipelineError
-from rlhf_pipeline.evaluation import (bootstrap_mean_ci, evaluate_policies, paired_comparison, per_prompt_means,
-                                      reward_histogram)
+from rlhf_pipeline.rewards import Scorers
+from rlhf_pipeline.evaluation import (bootstrap_mean_ci, compare_with_base, iteration_rows, paired_comparison,
+                                      per_prompt_means, reward_histogram, sample_and_score)
 from rlhf_pipeline.params import EvaluateParams, GenerateParams, RewardParams
 
 
@@ -56,14 +57,20 @@ def test_sampling_defaults_to_generate_and_allows_greedy():
 def test_prompts():
     from rlhf_pipeline.data import load_ifeval, split_prompts
 
-    return split_prompts(load_ifeval(), 6, 3, seed=0).test
+    return split_prompts(load_ifeval(), 7, 3, 1, seed=0).test
+
+
+def evaluate_against_base(base_dir, policy_dir, prompts, gen, reward, cfg, seed):
+    """What the evaluate_base and evaluate stages do, in one call."""
+    base, _ = sample_and_score(base_dir, prompts, cfg.sampling(gen), reward, seed, "test prompts")
+    return compare_with_base(base, base_dir, policy_dir, prompts, gen, reward, cfg, seed, "test prompts")
 
 
 def test_evaluate_policy_against_itself(tiny_model_dir, test_prompts):
     """The same model as base and trained: identical responses (same seeds), zero KL, win rate 0.5."""
     cfg = EvaluateParams(num_responses=2, max_new_tokens=8, bootstrap_samples=200, logprob_batch_size=3)
     gen = GenerateParams(dtype="float32", batch_size=8)
-    table, m = evaluate_policies(tiny_model_dir, tiny_model_dir, test_prompts, gen, RewardParams(), cfg, seed=3)
+    table, m = evaluate_against_base(tiny_model_dir, tiny_model_dir, test_prompts, gen, Scorers(RewardParams()), cfg, seed=3)
     assert table.num_rows == 6
     assert table.column("base_response").to_pylist() == table.column("trained_response").to_pylist()
     assert all(abs(x) < 1e-4 for x in table.column("kl_log_ratio").to_pylist())
@@ -76,18 +83,23 @@ def test_evaluate_policy_against_itself(tiny_model_dir, test_prompts):
                                                                        if k not in timing}
     hist = reward_histogram(table)
     assert sum(r["base"] for r in hist) == sum(r["trained"] for r in hist) == 6
+    rows = iteration_rows({"iter_1": m, "iter_2": m})
+    assert [r["iteration"] for r in rows] == [1, 2] and rows[0]["reward_diff"] == 0 and rows[1]["kl_mean"] == m["kl"]["mean"]
+    # Base responses made with other seeds (or for other prompts) are refused, not compared.
+    other, _ = sample_and_score(tiny_model_dir, test_prompts, cfg.sampling(gen), Scorers(RewardParams()), 4, "test prompts")
+    with pytest.raises(PipelineError, match="rerun evaluate_base"):
+        compare_with_base(other, tiny_model_dir, tiny_model_dir, test_prompts, gen, Scorers(RewardParams()), cfg, 3, "x")
     # Greedy decoding: both responses of a prompt are the same.
-    greedy, _ = evaluate_policies(tiny_model_dir, tiny_model_dir, test_prompts, gen, RewardParams(),
-                                  EvaluateParams(num_responses=2, temperature=0, max_new_tokens=8,
-                                                 bootstrap_samples=200), seed=3)
+    greedy, _ = evaluate_against_base(tiny_model_dir, tiny_model_dir, test_prompts, gen, Scorers(RewardParams()),
+                                      EvaluateParams(num_responses=2, temperature=0, max_new_tokens=8,
+                                                     bootstrap_samples=200), seed=3)
     texts = greedy.column("base_response").to_pylist()
     assert texts[0::2] == texts[1::2]
 
 
 def test_no_test_prompts_is_an_error_before_generation(tiny_model_dir, test_prompts):
-    with pytest.raises(PipelineError, match="no test prompts"):
-        evaluate_policies(tiny_model_dir, "/nonexistent", test_prompts.slice(0, 0), GenerateParams(), RewardParams(),
-                          EvaluateParams(), 0)
+    with pytest.raises(PipelineError, match="test prompts: no prompts"):
+        sample_and_score("/nonexistent", test_prompts.slice(0, 0), GenerateParams(), Scorers(RewardParams()), 0, "test prompts")
     bad = pa.table({"prompt_id": ["x"], "prompt": ["hi"]})  # IFEval scorer needs its columns
     with pytest.raises(PipelineError, match="instruction_id_list"):
-        evaluate_policies(tiny_model_dir, "/nonexistent", bad, GenerateParams(), RewardParams(), EvaluateParams(), 0)
+        sample_and_score("/nonexistent", bad, GenerateParams(), Scorers(RewardParams()), 0, "test prompts")

@@ -6,7 +6,8 @@ import torch
 from transformers import TopPLogitsWarper
 
 from rlhf_pipeline.chat import prompt_token_ids
-from rlhf_pipeline.generation import (GENERATIONS_SCHEMA, Response, SeededSampler, generate_transformers,
+from rlhf_pipeline.schemas import GENERATIONS as GENERATIONS_SCHEMA
+from rlhf_pipeline.generation import (Response, SeededSampler, generate_transformers,
                                       generate_vllm, response_seed, response_token_ids, responses_table)
 from rlhf_pipeline.params import GenerateParams, SamplingParams
 

@@ -4,7 +4,8 @@ import pytest
 from rlhf_pipeline.chat import chat_messages, prompt_token_ids
 from rlhf_pipeline.errors import PipelineError
 from rlhf_pipeline.models import load_tokenizer
-from rlhf_pipeline.pairs import PAIRS_SCHEMA, Candidate, build_pairs, join_scores
+from rlhf_pipeline.schemas import PAIRS as PAIRS_SCHEMA
+from rlhf_pipeline.pairs import Candidate, build_pairs, join_scores
 from rlhf_pipeline.params import PairsParams
 
 

@@ -1,5 +1,7 @@
 from pathlib import Path
 
+import re
+
 import pytest
 import yaml
 
@@ -31,9 +33,31 @@ def test_repo_params_file_is_valid():
 
 def test_schema_defaults_are_the_committed_params():
     """One source of defaults: a section given as {} gets exactly the committed values."""
-    empty_sections = Params.model_validate({"seed": COMMITTED["seed"], **{k: {} for k in Params.model_fields
-                                                                           if k != "seed"}})
+    given = {"seed": COMMITTED["seed"], "iterations": COMMITTED["iterations"]}  # no defaults: they are the run
+    empty_sections = Params.model_validate({**given, **{k: {} for k in Params.model_fields if k not in given}})
     assert empty_sections.model_dump() == load_params(REPO / "params.yaml").model_dump()
+
+
+@pytest.mark.parametrize("iterations, message", [
+    ({}, "iterations: at least one iteration is needed"),
+    ({"iter_1": {"prev": "base"}, "iter_3": {"prev": "iter_2"}}, "iterations are named iter_1, iter_2, ... in order; "
+                                                                 "item 2 is 'iter_3'"),
+    ({"iter_1": {"prev": "base"}, "iter_2": {"prev": "base"}}, "iterations.iter_2.prev: 'base', but iteration 2 "
+                                                               "starts from 'iter_1'"),
+    ({"iter_1": {"prev": "base", "eta": 1}}, "unknown key iterations.iter_1.eta"),
+])
+def test_iterations_must_chain(iterations, message):
+    with pytest.raises(PipelineError, match=re.escape(message)):
+        parse_params({**COMMITTED, "iterations": iterations})
+
+
+def test_objective_params_are_the_active_objectives_only():
+    train = {**COMMITTED["train"], "objective": {"name": "dpo", "beta": 0.2}}
+    assert parse_params({**COMMITTED, "train": train}).train.objective.beta == 0.2
+    with pytest.raises(PipelineError, match="unknown key train.objective.dpo.eta"):
+        parse_params({**COMMITTED, "train": {**train, "objective": {"name": "dpo", "eta": 1.0}}})
+    with pytest.raises(PipelineError, match="train.objective"):
+        parse_params({**COMMITTED, "train": {**train, "objective": {"name": "ppo"}}})
 
 
 def test_empty_file_and_missing_section_are_errors(tmp_path):
@@ -50,7 +74,7 @@ def test_empty_file_and_missing_section_are_errors(tmp_path):
 
 
 def test_duplicate_keys_are_an_error(tmp_path):
-    text = (REPO / "params.yaml").read_text().replace("  eta: 1.0", "  eta: 1.0\n  eta: 2.0")
+    text = (REPO / "params.yaml").read_text().replace("    eta: 1.0", "    eta: 1.0\n    eta: 2.0")
     path = tmp_path / "params.yaml"
     path.write_text(text)
     with pytest.raises(PipelineError, match="not valid YAML.*duplicate key 'eta'"):
@@ -74,7 +98,7 @@ def test_a_yaml_bomb_in_a_value_gives_a_short_error(tmp_path):
 
     lines = ["bomb0: &b0 [x, x, x, x, x, x, x, x, x]"]
     lines += [f"bomb{i}: &b{i} [" + ", ".join([f"*b{i - 1}"] * 9) + "]" for i in range(1, 9)]
-    text = "\n".join(lines) + "\n" + (REPO / "params.yaml").read_text().replace("  test_size: 100", "  test_size: *b8")
+    text = "\n".join(lines) + "\n" + (REPO / "params.yaml").read_text().replace("  test_size: 48", "  test_size: *b8")
     path = tmp_path / "params.yaml"
     path.write_text(text)
     t0 = time.perf_counter()

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from conftest import copy_project, lock_md5s, ran, run_dvc, set_param, stage_env
-from rlhf_pipeline.generation import GENERATIONS_SCHEMA
+from rlhf_pipeline.schemas import GENERATIONS as GENERATIONS_SCHEMA
 
 pytestmark = pytest.mark.slow
 
@@ -25,69 +25,102 @@ def project(tiny_project, tmp_path_factory):
     return copy_project(tiny_project, tmp_path_factory.mktemp("pipeline") / "proj")
 
 
+ITERATIONS = ("iter_1", "iter_2")
+PER_ITERATION = ("generate", "score", "pairs", "ref_logprobs", "train", "evaluate")
+
+
+def stages_of(*names: str) -> set[str]:
+    """Stage names for every iteration (``generate`` -> ``generate@iter_1``, ``generate@iter_2``)."""
+    return {f"{n}@{it}" for n in names for it in ITERATIONS}
+
+
 def test_outputs_and_schema(project):
     train = pq.read_table(project / "data/prompts/train.parquet")
+    val = pq.read_table(project / "data/prompts/val.parquet")
     test = pq.read_table(project / "data/prompts/test.parquet")
-    assert (train.num_rows, test.num_rows) == (12, 4)
+    assert (train.num_rows, val.num_rows, test.num_rows) == (12, 4, 4)
     assert {"prompt_id", "prompt", "key", "instruction_id_list", "kwargs"} <= set(train.column_names)
-    gens = pq.read_table(project / "data/generations.parquet")
-    assert gens.schema == GENERATIONS_SCHEMA
-    assert gens.num_rows == 12 * 4
-    assert set(gens.column("prompt_id").to_pylist()) == set(train.column("prompt_id").to_pylist())
-    assert not set(gens.column("prompt_id").to_pylist()) & set(test.column("prompt_id").to_pylist())
-    metrics = json.loads((project / "metrics/generate.json").read_text())
-    assert metrics["responses"] == 48 and metrics["tokens_generated"] == sum(gens.column("num_tokens").to_pylist())
-    assert 0 <= metrics["truncated_share"] <= 1 and metrics["dtype"] == "float32"
-    assert (project / "models/base/model.safetensors").is_file()
-    scores = pq.read_table(project / "data/scores.parquet")
-    assert scores.num_rows == 48
-    assert {"reward", "reward_ifeval", "ifeval_strict", "reward_sequence_classification"} <= set(scores.column_names)
-    pairs = pq.read_table(project / "data/pairs.parquet")
-    counts = json.loads((project / "metrics/pairs.json").read_text())
-    assert pairs.num_rows == counts["pairs_out"] >= 1
-    assert counts["prompts_in"] == 12
-    assert all(c > r for c, r in zip(pairs.column("chosen_reward").to_pylist(), pairs.column("rejected_reward").to_pylist()))
-    ref = pq.read_table(project / "data/ref_logprobs.parquet")
-    assert ref.column("prompt_id").to_pylist() == pairs.column("prompt_id").to_pylist()
-    assert all(v < 0 for c in ("chosen_logprob", "rejected_logprob") for v in ref.column(c).to_pylist())
-    assert set(lock_md5s(project)) == {"models/base", "data/prompts/train.parquet", "data/prompts/test.parquet",
-                                       "data/generations.parquet", "data/scores.parquet", "data/pairs.parquet",
-                                       "data/ref_logprobs.parquet", "models/policy", "data/eval.parquet"}
-    train = json.loads((project / "metrics/train.json").read_text())
-    assert train["updates"] == pairs.num_rows // 2 and train["resumed_from_update"] == 0
-    assert (project / "metrics/train_log.tsv").read_text().count("\n") == train["updates"] + 1
+    held_out = set(val.column("prompt_id").to_pylist()) | set(test.column("prompt_id").to_pylist())
+    seen = []
+    for it in ITERATIONS:
+        gens = pq.read_table(project / f"data/{it}/generations.parquet")
+        assert gens.schema == GENERATIONS_SCHEMA
+        assert gens.num_rows == 4 * 4  # data.prompts_per_iteration x generate.num_responses
+        ids = set(gens.column("prompt_id").to_pylist())
+        assert ids <= set(train.column("prompt_id").to_pylist()) and not ids & held_out
+        seen.append(ids)
+        metrics = json.loads((project / f"metrics/{it}/generate.json").read_text())
+        assert metrics["responses"] == 16 and metrics["tokens_generated"] == sum(gens.column("num_tokens").to_pylist())
+        assert 0 <= metrics["truncated_share"] <= 1 and metrics["dtype"] == "float32"
+        scores = pq.read_table(project / f"data/{it}/scores.parquet")
+        assert scores.num_rows == 16
+        assert {"reward", "reward_ifeval", "ifeval_strict", "reward_sequence_classification"} <= set(scores.column_names)
+        pairs = pq.read_table(project / f"data/{it}/pairs.parquet")
+        counts = json.loads((project / f"metrics/{it}/pairs.json").read_text())
+        assert pairs.num_rows == counts["pairs_out"] >= 2 and counts["prompts_in"] == 4
+        assert all(c > r for c, r in zip(pairs.column("chosen_reward").to_pylist(),
+                                          pairs.column("rejected_reward").to_pylist()))
+        ref = pq.read_table(project / f"data/{it}/ref_logprobs.parquet")
+        assert ref.column("prompt_id").to_pylist() == pairs.column("prompt_id").to_pylist()
+        assert all(v < 0 for c in ("chosen_logprob", "rejected_logprob") for v in ref.column(c).to_pylist())
+        metrics = json.loads((project / f"metrics/{it}/train.json").read_text())
+        assert metrics["updates"] == pairs.num_rows // 2 and metrics["resumed_from_update"] == 0
+        assert metrics["objective"] == "rebel" and metrics["iteration"] == it
+        assert (project / f"metrics/train_log/{it}.tsv").read_text().count("\n") == metrics["updates"] + 1
+    assert not seen[0] & seen[1]  # each iteration its own prompts
+    # iteration 2 sampled from, and regressed against, iteration 1's policy
+    ref2 = json.loads((project / "metrics/iter_2/ref_logprobs.json").read_text())
+    assert ref2["reference"] == "previous" and ref2["reference_policy"] == "models/iter_1"
+    assert set(lock_md5s(project)) == {
+        "models/base", "data/prompts/train.parquet", "data/prompts/val.parquet", "data/prompts/test.parquet",
+        *(f"data/{it}/{f}.parquet" for it in ITERATIONS for f in ("generations", "scores", "pairs", "ref_logprobs")),
+        *(f"models/{it}" for it in ITERATIONS), *(f"data/eval/{n}.parquet" for n in ("base", *ITERATIONS, "test"))}
     from transformers import AutoModelForCausalLM
 
-    assert AutoModelForCausalLM.from_pretrained(project / "models/policy").config.num_hidden_layers == 2
-    # No temporary leftovers beside the outputs.
-    assert not [p for p in (project / "data").rglob(".*tmp-*")]
+    assert AutoModelForCausalLM.from_pretrained(project / "models/iter_2").config.num_hidden_layers == 2
+    # No temporary leftovers beside the outputs, no training checkpoints left.
+    assert not [p for p in (project / "data").rglob(".*tmp-*")] and not (project / "models/.checkpoints").exists()
 
 
 def test_evaluate_outputs_are_consistent(project):
-    table = pq.read_table(project / "data/eval.parquet")
-    test_ids = sorted(pq.read_table(project / "data/prompts/test.parquet").column("prompt_id").to_pylist())
-    assert table.num_rows == 4 * 2
-    assert sorted(set(table.column("prompt_id").to_pylist())) == test_ids
-    # The same seed per response for both policies (a paired comparison).
-    assert table.column("base_seed").to_pylist() == table.column("trained_seed").to_pylist()
+    base = pq.read_table(project / "data/eval/base.parquet")
+    assert sorted(set(base.column("split").to_pylist())) == ["test", "val"] and base.num_rows == (4 + 4) * 2
     m = json.loads((project / "metrics/eval.json").read_text())
-    assert m["test_prompts"] == 4 and m["responses_per_prompt"] == 2
-    for name in ("base", "trained"):
-        rewards = table.column(f"{name}_reward").to_pylist()
-        assert m[name]["reward_mean"] == pytest.approx(sum(rewards) / len(rewards), abs=1e-6)
-        assert m[name]["mean_response_tokens"] == pytest.approx(
-            sum(table.column(f"{name}_num_tokens").to_pylist()) / 8, abs=1e-6)
-        for key in ("ifeval_prompt_accuracy_loose", "ifeval_prompt_accuracy_strict",
-                    "ifeval_instruction_accuracy_loose", "ifeval_instruction_accuracy_strict"):
-            assert 0 <= m[name][key] <= 1
-    r, w = m["reward"], m["win_rate"]
-    assert r["diff"] == pytest.approx(r["trained"] - r["base"], abs=1e-5)
-    assert r["diff_ci_low"] <= r["diff"] <= r["diff_ci_high"]
-    assert 0 <= w["ci_low"] <= w["value"] <= w["ci_high"] <= 1
-    assert w["wins"] + w["ties"] + w["losses"] == 4
-    kl, log_ratio = table.column("kl").to_pylist(), table.column("kl_log_ratio").to_pylist()
-    assert m["kl"]["mean"] == pytest.approx(sum(kl) / len(kl), abs=1e-5) and min(kl) >= 0
-    assert m["kl"]["log_ratio_mean"] == pytest.approx(sum(log_ratio) / len(log_ratio), abs=1e-5)
+    assert list(m["validation"]) == list(ITERATIONS) and m["test"]["iteration"] == "iter_2"
+    for split, table_path, metrics in (("val", "data/eval/iter_1.parquet", "metrics/eval/iter_1.json"),
+                                       ("test", "data/eval/test.parquet", "metrics/eval.json")):
+        table = pq.read_table(project / table_path)
+        ids = sorted(pq.read_table(project / f"data/prompts/{split}.parquet").column("prompt_id").to_pylist())
+        assert table.num_rows == 4 * 2 and sorted(set(table.column("prompt_id").to_pylist())) == ids
+        # The same seed per response for both policies (a paired comparison).
+        assert table.column("base_seed").to_pylist() == table.column("trained_seed").to_pylist()
+        e = json.loads((project / metrics).read_text())
+        e = e["test"] if split == "test" else e
+        assert e["prompts"] == 4 and e["responses_per_prompt"] == 2
+        for name in ("base", "trained"):
+            rewards = table.column(f"{name}_reward").to_pylist()
+            assert e[name]["reward_mean"] == pytest.approx(sum(rewards) / len(rewards), abs=1e-6)
+            assert e[name]["mean_response_tokens"] == pytest.approx(
+                sum(table.column(f"{name}_num_tokens").to_pylist()) / 8, abs=1e-6)
+            for key in ("ifeval_prompt_accuracy_loose", "ifeval_prompt_accuracy_strict",
+                        "ifeval_instruction_accuracy_loose", "ifeval_instruction_accuracy_strict"):
+                assert 0 <= e[name][key] <= 1
+        r, w = e["reward"], e["win_rate"]
+        assert r["diff"] == pytest.approx(r["trained"] - r["base"], abs=1e-5)
+        assert r["diff_ci_low"] <= r["diff"] <= r["diff_ci_high"]
+        assert 0 <= w["ci_low"] <= w["value"] <= w["ci_high"] <= 1
+        assert w["wins"] + w["ties"] + w["losses"] == 4
+        kl, log_ratio = table.column("kl").to_pylist(), table.column("kl_log_ratio").to_pylist()
+        assert e["kl"]["mean"] == pytest.approx(sum(kl) / len(kl), abs=1e-5) and min(kl) >= 0
+        assert e["kl"]["log_ratio_mean"] == pytest.approx(sum(log_ratio) / len(log_ratio), abs=1e-5)
+    # The validation table: one row per iteration (0 = base) in the plots file and in eval.json.
+    lines = (project / "metrics/eval_iterations.tsv").read_text().splitlines()
+    header = lines[0].split("\t")
+    assert header[:2] == ["iteration", "reward_diff"] and [ln.split("\t")[0] for ln in lines[1:]] == ["0", "1", "2"]
+    it1 = json.loads((project / "metrics/eval/iter_1.json").read_text())
+    row1 = dict(zip(header, lines[2].split("\t")))
+    assert float(row1["reward_diff"]) == pytest.approx(it1["reward"]["diff"], abs=1e-5)
+    assert m["validation"]["iter_1"]["kl_mean"] == it1["kl"]["mean"]
     hist = (project / "metrics/eval_reward_hist.tsv").read_text().splitlines()
     assert hist[0] == "reward\tbase\ttrained"
     assert sum(int(line.split("\t")[1]) for line in hist[1:]) == 8
@@ -100,18 +133,24 @@ def test_report_logs_one_mlflow_run(project):
     runs = client.search_runs([client.get_experiment_by_name("rlhf-pipeline").experiment_id])
     assert len(runs) == 1
     run = runs[0]
-    assert run.data.params["train.eta"] == "1.0" and run.data.params["seed"] == "7"
+    assert run.data.params["train.objective.eta"] == "1.0" and run.data.params["seed"] == "7"
     evaluation = json.loads((project / "metrics/eval.json").read_text())
-    assert run.data.metrics["evaluate.win_rate.value"] == pytest.approx(evaluation["win_rate"]["value"])
-    assert run.data.metrics["pairs.pairs_out"] == json.loads((project / "metrics/pairs.json").read_text())["pairs_out"]
+    assert run.data.metrics["evaluate.test.win_rate.value"] == pytest.approx(evaluation["test"]["win_rate"]["value"])
+    assert run.data.metrics["iter_2.pairs.pairs_out"] == json.loads(
+        (project / "metrics/iter_2/pairs.json").read_text())["pairs_out"]
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
     assert run.data.tags["git_commit"] == commit
-    assert run.data.tags["dvc.md5.data/pairs.parquet"] == lock_md5s(project)["data/pairs.parquet"]
-    history = client.get_metric_history(run.info.run_id, "train_log.loss")
-    updates = json.loads((project / "metrics/train.json").read_text())["updates"]
-    assert sorted(h.step for h in history) == list(range(1, updates + 1))
+    assert run.data.tags["dvc.md5.data/iter_1/pairs.parquet"] == lock_md5s(project)["data/iter_1/pairs.parquet"]
+    for it in ITERATIONS:
+        history = client.get_metric_history(run.info.run_id, f"{it}.train_log.loss")
+        updates = json.loads((project / f"metrics/{it}/train.json").read_text())["updates"]
+        assert sorted(h.step for h in history) == list(range(1, updates + 1))
+    # The per-iteration validation curve, step = iteration (0 = base), as the MLflow UI draws it.
+    curve = client.get_metric_history(run.info.run_id, "validation.reward_diff")
+    assert sorted(h.step for h in curve) == [0, 1, 2]
+    assert {h.step: h.value for h in curve}[2] == pytest.approx(evaluation["validation"]["iter_2"]["reward_diff"])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"eval.parquet", "params.yaml", "dvc.lock", "plots"} <= artifacts
+    assert {"test.parquet", "params.yaml", "dvc.lock", "plots"} <= artifacts
 
 
 def free_port() -> int:
@@ -146,11 +185,13 @@ def mlflow_server(tmp_path):
 
 
 def run_report(project, uri: str | None) -> subprocess.CompletedProcess:
+    from test_dvc_deps import stage_argv
+
     env = stage_env()
     if uri:
         env["MLFLOW_TRACKING_URI"] = uri
-    return subprocess.run([sys.executable, "-m", "stages.report"], cwd=project, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "stages.report", *stage_argv("report")], cwd=project, env=env,
+                          capture_output=True, text=True, timeout=600)
 
 
 def test_report_to_a_real_mlflow_server(project, mlflow_server):
@@ -166,11 +207,12 @@ def test_report_to_a_real_mlflow_server(project, mlflow_server):
     assert run.data.params["train.learning_rate"] == str(params["train"]["learning_rate"])
     assert run.data.params["evaluate.num_responses"] == "2"
     evaluation = json.loads((project / "metrics/eval.json").read_text())
-    assert run.data.metrics["evaluate.reward.diff"] == pytest.approx(evaluation["reward"]["diff"])
-    assert run.data.metrics["train.updates"] == json.loads((project / "metrics/train.json").read_text())["updates"]
-    assert run.data.tags["dvc.md5.models/policy"] == lock_md5s(project)["models/policy"]
+    assert run.data.metrics["evaluate.test.reward.diff"] == pytest.approx(evaluation["test"]["reward"]["diff"])
+    assert run.data.metrics["iter_1.train.updates"] == json.loads(
+        (project / "metrics/iter_1/train.json").read_text())["updates"]
+    assert run.data.tags["dvc.md5.models/iter_2"] == lock_md5s(project)["models/iter_2"]
     assert len(run.data.tags["git_commit"]) == 40
-    assert "eval.parquet" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "test.parquet" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
 def test_unreachable_explicit_server_is_a_clear_error(project):
@@ -180,30 +222,31 @@ def test_unreachable_explicit_server_is_a_clear_error(project):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: MLFLOW_TRACKING_URI=http://127.0.0.1:") and "does not answer" in last
     assert "Traceback" not in proc.stderr
-    assert lock_md5s(project) == before and (project / "data/eval.parquet").is_file()
+    assert lock_md5s(project) == before and (project / "data/eval/test.parquet").is_file()
 
 
 def test_params_read_match_dvc_yaml(project, tmp_path, monkeypatch):
-    """Each stage's `main`, run in a copy of the tiny project with a params object that records
-    every field read, reads exactly the params keys its dvc.yaml entry declares."""
+    """Each resolved stage's `main` (every foreach item), run with its dvc.yaml command line in a
+    copy of the tiny project with a params object that records every field read, reads exactly the
+    params keys its dvc.yaml entry declares."""
     import importlib
     import shutil
 
-    from test_dvc_deps import STAGES, ParamsRecorder, check_params_read
+    from test_dvc_deps import STAGES, ParamsRecorder, check_params_read, stage_argv, stage_module
 
     from rlhf_pipeline.params import load_params
 
     copy = tmp_path / "proj"
     shutil.copytree(project, copy, symlinks=True)
     monkeypatch.chdir(copy)
-    assert STAGES["report"]["params"] == [{"params.yaml": None}]  # it logs every key
+    assert STAGES["report"]["params"] == [None]  # the whole file: it logs every key
     for stage in STAGES:
         if stage == "report":
             continue
-        module = importlib.import_module(f"stages.{stage}")
+        module = importlib.import_module(stage_module(stage))
         recorder = ParamsRecorder(load_params())
         monkeypatch.setattr(module, "load_params", lambda r=recorder: r)
-        module.main()
+        module.main(stage_argv(stage))
         check_params_read(stage, recorder.leaves())
 
 
@@ -218,63 +261,104 @@ def test_second_repro_runs_nothing_and_forced_rerun_is_byte_identical(project):
 def test_changed_min_reward_gap_reruns_pairs_only(project):
     before = lock_md5s(project)
     set_param(project, "pairs", "min_reward_gap", 1e-4)
-    # ref_logprobs and train run only if the pairs file changed (DVC compares the new pairs' hash).
-    assert ran(run_dvc(project, "repro").stdout) - {"ref_logprobs", "train", "evaluate", "report"} == {"pairs"}
+    # the rest runs only if a pairs file changed (DVC compares the new pairs' hash)
+    assert {s for s in ran(run_dvc(project, "repro").stdout) if s.startswith("pairs@")} == stages_of("pairs")
+    assert not ran(run_dvc(project, "repro").stdout)
     after = lock_md5s(project)
-    assert {k for k in before if before[k] != after[k]} <= {"data/pairs.parquet", "data/ref_logprobs.parquet",
-                                                            "models/policy", "data/eval.parquet"}
+    assert not {k for k in before if before[k] != after[k]} & {
+        "models/base", "data/prompts/train.parquet", "data/iter_1/generations.parquet", "data/eval/base.parquet"}
 
 
 def test_missing_eos_penalty_reruns_score_and_shapes_only_the_training_reward(project):
-    before = pq.read_table(project / "data/scores.parquet").column("reward").to_pylist()
+    before = pq.read_table(project / "data/iter_1/scores.parquet").column("reward").to_pylist()
     old_penalty = yaml.safe_load((project / "params.yaml").read_text())["reward"].get("missing_eos_penalty") or 0.0
     set_param(project, "reward", "missing_eos_penalty", 0.25)
-    assert {"score", "pairs"} <= ran(run_dvc(project, "repro").stdout) <= {
-        "score", "pairs", "ref_logprobs", "train", "evaluate", "report"}
-    gens = pq.read_table(project / "data/generations.parquet").sort_by([("prompt_id", "ascending"),
-                                                                         ("response_idx", "ascending")])
-    scores = pq.read_table(project / "data/scores.parquet")
+    done = ran(run_dvc(project, "repro").stdout)
+    assert stages_of("score", "pairs") <= done and "evaluate_base" not in done
+    gens = pq.read_table(project / "data/iter_1/generations.parquet").sort_by([("prompt_id", "ascending"),
+                                                                                ("response_idx", "ascending")])
+    scores = pq.read_table(project / "data/iter_1/scores.parquet")
     missing = [f == "length" for f in gens.column("finish_reason").to_pylist()]
     assert scores.column("missing_eos").to_pylist() == missing and any(missing)
     assert scores.column("reward").to_pylist() == pytest.approx(
         [r + (old_penalty - 0.25) * m for r, m in zip(before, missing)])
-    metrics = json.loads((project / "metrics/score.json").read_text())
+    metrics = json.loads((project / "metrics/iter_1/score.json").read_text())
     assert metrics["missing_eos_share"] == pytest.approx(sum(missing) / len(missing))
-    # evaluate scores with the scorers only, and does not depend on the penalty
-    assert not [c for c in pq.read_table(project / "data/eval.parquet").column_names if "missing_eos" in c]
+    # evaluation scores with the scorers only, and does not depend on the penalty
+    assert not [c for c in pq.read_table(project / "data/eval/test.parquet").column_names if "missing_eos" in c]
     lock = yaml.safe_load((project / "dvc.lock").read_text())
-    evaluate_params = lock["stages"]["evaluate"]["params"]["params.yaml"]
+    evaluate_params = lock["stages"]["evaluate_base"]["params"]["params.yaml"]
     assert "reward.scorers" in evaluate_params and "missing_eos_penalty" not in str(evaluate_params)
-    assert lock["stages"]["score"]["params"]["params.yaml"]["reward"]["missing_eos_penalty"] == 0.25
+    assert lock["stages"]["score@iter_1"]["params"]["params.yaml"]["reward"]["missing_eos_penalty"] == 0.25
 
 
-def test_changed_eta_reruns_train_and_later_only(project):
+def test_changed_eta_reruns_iteration_1_train_and_everything_after_it(project):
+    """η changes π_2, which iteration 2 samples from: all of iteration 2 reruns; the base policy's
+    evaluation and iteration 1's data do not."""
     before = lock_md5s(project)
-    set_param(project, "train", "eta", 0.5)
-    assert ran(run_dvc(project, "repro").stdout) == {"train", "evaluate", "report"}
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"]["objective"]["eta"] = 0.5
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    assert ran(run_dvc(project, "repro").stdout) == {
+        "train@iter_1", *stages_of("evaluate"), "generate@iter_2", "score@iter_2", "pairs@iter_2",
+        "ref_logprobs@iter_2", "train@iter_2", "evaluate_test", "report"}
     after = lock_md5s(project)
-    assert {k for k in before if before[k] != after[k]} == {"models/policy", "data/eval.parquet"}
+    changed = {k for k in before if before[k] != after[k]}
+    assert {"models/iter_1", "data/iter_2/generations.parquet", "models/iter_2"} <= changed
+    assert not changed & {"data/iter_1/pairs.parquet", "data/iter_1/ref_logprobs.parquet", "data/eval/base.parquet"}
+
+
+def test_a_third_iteration_reruns_only_itself_and_what_reads_it(project, tmp_path):
+    project = copy_project(project, tmp_path / "proj")  # the tests after this one keep two iterations
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["iterations"]["iter_3"] = {"prev": "iter_2"}
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    before = lock_md5s(project)
+    assert ran(run_dvc(project, "repro").stdout) == {
+        "generate@iter_3", "score@iter_3", "pairs@iter_3", "ref_logprobs@iter_3", "train@iter_3", "evaluate@iter_3",
+        "evaluate_test", "report"}
+    after = lock_md5s(project)
+    assert all(after[k] == v for k, v in before.items() if k != "data/eval/test.parquet")
+    assert json.loads((project / "metrics/eval.json").read_text())["test"]["iteration"] == "iter_3"
+    assert (project / "metrics/eval_iterations.tsv").read_text().count("\n") == 1 + 4  # base + 3 iterations
+    third = set(pq.read_table(project / "data/iter_3/generations.parquet").column("prompt_id").to_pylist())
+    for it in ITERATIONS:
+        assert not third & set(pq.read_table(project / f"data/{it}/generations.parquet").column("prompt_id").to_pylist())
+
+
+def test_reference_base_reruns_the_reference_log_probs_and_what_they_change(project):
+    """With train.reference: base, iteration 1's reference is π0 as before (same file, so its
+    training does not rerun); iteration 2 now regresses against π0 instead of π_2."""
+    set_param(project, "train", "reference", "base")
+    assert ran(run_dvc(project, "repro").stdout) == {
+        *stages_of("ref_logprobs"), "train@iter_2", "evaluate@iter_2", "evaluate_test", "report"}
+    ref2 = json.loads((project / "metrics/iter_2/ref_logprobs.json").read_text())
+    assert ref2["reference"] == "base" and ref2["reference_policy"] == "models/base"
 
 
 def test_changed_sampling_param_reruns_generate_and_later(project):
     set_param(project, "generate", "temperature", 0.9)
-    assert ran(run_dvc(project, "repro").stdout) == {"generate", "score", "pairs", "ref_logprobs", "train",
-                                                     "evaluate", "report"}
+    done = ran(run_dvc(project, "repro").stdout)
+    assert {*stages_of(*PER_ITERATION), "evaluate_base", "evaluate_test", "report"} == done
 
 
 def test_changed_log_prob_temperature_reruns_ref_logprobs_and_train(project):
     set_param(project, "train", "allow_temperature_mismatch", True)  # read by no stage but report (logs every key)
     assert ran(run_dvc(project, "repro").stdout) == {"report"}
     set_param(project, "train", "temperature", 1.0)
-    assert ran(run_dvc(project, "repro").stdout) == {"ref_logprobs", "train", "evaluate", "report"}
+    done = ran(run_dvc(project, "repro").stdout)
+    assert stages_of("ref_logprobs", "train") <= done and not {"evaluate_base", "prepare_prompts"} & done
+    assert "generate@iter_1" not in done
 
 
 def test_bad_params_fail_before_any_output(project):
+    from test_dvc_deps import stage_argv
+
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["generate"]["top_p"] = 0
     (project / "params.yaml").write_text(yaml.safe_dump(params))
-    proc = subprocess.run([sys.executable, "-m", "stages.generate"], cwd=project, env=stage_env(),
-                          capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "stages.generate", *stage_argv("generate@iter_1")], cwd=project,
+                          env=stage_env(), capture_output=True, text=True)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("error: params.yaml: generate.top_p:")
     assert "Traceback" not in proc.stderr

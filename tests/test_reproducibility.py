@@ -21,7 +21,6 @@ from conftest import REPO, copy_project, lock_md5s, ran, run_dvc, set_param, sta
 pytestmark = pytest.mark.slow
 
 FAULTS = REPO / "tests" / "fault_injection"
-STAGES = list(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
 
 
 def fault_env(fault: str, stage: str, path_part: str = "") -> dict[str, str]:
@@ -48,32 +47,56 @@ def test_edited_library_module_reruns_exactly_its_stages(tiny_project, tmp_path,
     before = lock_md5s(proj)
     with open(proj / module, "a") as f:
         f.write("\n# an edit that changes no behaviour\n")
-    dependents = {s for s, d in yaml.safe_load((proj / "dvc.yaml").read_text())["stages"].items()
-                  if module in d.get("deps", [])}
+    from test_dvc_deps import resolved_stages
+
+    dependents = {s for s, d in resolved_stages(proj).items() if module in d["deps"]}
     assert dependents  # the module is some stage's code
     assert ran(run_dvc(proj, "repro").stdout) == dependents | {"report"}
     assert lock_md5s(proj) == before
 
 
-def test_check_repro_passes_on_a_deterministic_pipeline_and_names_the_first_difference(tiny_project, tmp_path):
+def test_check_repro_passes_on_a_deterministic_pipeline(tiny_project, tmp_path):
     """`make check-repro` reruns everything in a scratch clone: identical hashes for every data and
-    model output (two clones, same machine); with a writer made non-deterministic in `pairs`,
-    it fails and names `pairs` and its file."""
+    model output (two clones, same machine)."""
     proj = copy_project(tiny_project, tmp_path / "proj")
     cmd = [sys.executable, "-m", "rlhf_pipeline.repro_check"]
     ok = subprocess.run(cmd, cwd=proj, env=stage_env(), capture_output=True, text=True)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert f"all {len(lock_md5s(proj))} data and model outputs are byte-identical" in ok.stdout
+
+
+def test_check_repro_ci_profile_runs_twice_and_names_the_first_difference(tiny_project, tmp_path,
+                                                                          raw_tiny_model_dir, tiny_reward_model_dir):
+    """`make check-repro-ci`: the iterated DAG on a small profile, twice from scratch in a scratch
+    clone; with a writer made non-deterministic in `pairs` it fails naming `pairs@iter_1` and its
+    file, and its Markdown summary holds the table and the params/metrics diff against a revision."""
+    from conftest import tiny_overrides
+
+    proj = copy_project(tiny_project, tmp_path / "proj")
+    profile = tmp_path / "profile.yaml"
+    profile.write_text(yaml.safe_dump(tiny_overrides(raw_tiny_model_dir, tiny_reward_model_dir)))
+    summary = tmp_path / "summary.md"
+    cmd = [sys.executable, "-m", "rlhf_pipeline.repro_check", "--profile", str(profile), "--against", "HEAD",
+           "--summary", str(summary)]
     bad = subprocess.run(cmd, cwd=proj, env=fault_env("nondeterministic-parquet", "pairs"), capture_output=True,
                          text=True)
     assert bad.returncode == 1, bad.stdout + bad.stderr
-    assert "first difference in stage 'pairs', file data/pairs.parquet" in bad.stdout
-    assert "1 output(s) differ" in bad.stdout  # pairs' content is the same, so everything after it is too
+    assert "first difference in stage 'pairs@iter_1', file data/iter_1/pairs.parquet" in bad.stdout
+    assert "2 output(s) differ" in bad.stdout  # the two pairs files: their content is the same, so all after is too
+    text = summary.read_text()
+    assert "| pairs@iter_1 | `data/iter_1/pairs.parquet` | DIFFERS |" in text
+    assert "| train@iter_2 | `models/iter_2` | same |" in text
+    assert "## Params changed against `HEAD`" in text and "## Metrics changed against `HEAD`" in text
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("generate: {top_p: 0}\n")
+    proc = subprocess.run([*cmd[:3], "--profile", str(broken)], cwd=proj, env=stage_env(), capture_output=True,
+                          text=True)
+    assert proc.returncode == 2 and "generate.top_p" in proc.stderr  # before any run
 
 
 def test_check_repro_refuses_a_stale_workspace(tiny_project, tmp_path):
     proj = copy_project(tiny_project, tmp_path / "proj")
-    set_param(proj, "train", "eta", 3.0)
+    set_param(proj, "train", "learning_rate", 3e-4)
     proc = subprocess.run([sys.executable, "-m", "rlhf_pipeline.repro_check"], cwd=proj, env=stage_env(),
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "stale stages" in proc.stderr
@@ -86,8 +109,8 @@ def test_queued_experiments_land_in_dvc_exp_show_and_mlflow(tiny_project, tmp_pa
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
     subprocess.run(git + ["add", "-A"], cwd=proj, check=True)
     subprocess.run(git + ["commit", "-qm", "baseline run"], cwd=proj, check=True)
-    run_dvc(proj, "exp", "run", "--queue", "-n", "eta-half", "-S", "train.eta=0.5")
-    run_dvc(proj, "exp", "run", "--queue", "-n", "eta-two-lr", "-S", "train.eta=2.0", "-S", "train.learning_rate=5e-5",
+    run_dvc(proj, "exp", "run", "--queue", "-n", "eta-half", "-S", "train.objective.eta=0.5")
+    run_dvc(proj, "exp", "run", "--queue", "-n", "eta-two-lr", "-S", "train.objective.eta=2.0", "-S", "train.learning_rate=5e-5",
             "-S", "train.mlflow_live=true")
     run_dvc(proj, "queue", "start", "-j", "1")
     deadline = time.monotonic() + 900
@@ -109,10 +132,11 @@ def test_queued_experiments_land_in_dvc_exp_show_and_mlflow(tiny_project, tmp_pa
     assert {"eta-half", "eta-two-lr"} <= set(found), json.dumps(shown)[:2000]
     for name, eta in (("eta-half", 0.5), ("eta-two-lr", 2.0)):
         data = found[name]
-        assert data["params"]["params.yaml"]["data"]["train"]["eta"] == eta
+        assert data["params"]["params.yaml"]["data"]["train"]["objective"]["eta"] == eta
         metrics = data["metrics"]
-        assert {"metrics/train.json", "metrics/eval.json", "metrics/pairs.json", "metrics/generate.json"} <= set(metrics)
-        assert 0 <= metrics["metrics/eval.json"]["data"]["win_rate"]["value"] <= 1
+        assert {"metrics/iter_2/train.json", "metrics/eval.json", "metrics/iter_1/pairs.json",
+                "metrics/eval/iter_2.json"} <= set(metrics)
+        assert 0 <= metrics["metrics/eval.json"]["data"]["test"]["win_rate"]["value"] <= 1
     # Each experiment is its own MLflow run in the project's store, tagged with its name.
     client = MlflowClient(tracking_uri=f"sqlite:///{proj / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("rlhf-pipeline").experiment_id])
@@ -120,12 +144,14 @@ def test_queued_experiments_land_in_dvc_exp_show_and_mlflow(tiny_project, tmp_pa
     live_ids = {r.info.run_id for r in live}
     by_exp = {r.data.tags.get("dvc_exp_name"): r for r in runs if r.info.run_id not in live_ids}
     assert {"eta-half", "eta-two-lr"} <= set(by_exp)
-    # train.mlflow_live streamed the second experiment's updates to a run of their own.
-    assert [r.data.tags["dvc_exp_name"] for r in live] == ["eta-two-lr"]
-    updates = int(by_exp["eta-two-lr"].data.metrics["train.updates"])
-    steps = [m.step for m in client.get_metric_history(live[0].info.run_id, "train_log.loss")]
-    assert sorted(steps) == list(range(1, updates + 1))
-    assert by_exp["eta-half"].data.params["train.eta"] == "0.5"
+    # train.mlflow_live streamed the second experiment's updates, one run per iteration's train stage.
+    assert sorted((r.data.tags["dvc_exp_name"], r.data.params["iteration"]) for r in live) == [
+        ("eta-two-lr", "iter_1"), ("eta-two-lr", "iter_2")]
+    for run in live:
+        updates = int(by_exp["eta-two-lr"].data.metrics[f"{run.data.params['iteration']}.train.updates"])
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_log.loss")]
+        assert sorted(steps) == list(range(1, updates + 1))
+    assert by_exp["eta-half"].data.params["train.objective.eta"] == "0.5"
     assert by_exp["eta-two-lr"].data.params["train.learning_rate"] == "5e-05"
 
 
@@ -148,15 +174,15 @@ def test_outputs_round_trip_through_a_local_remote(tiny_project, tmp_path):
 
 
 @pytest.mark.parametrize("stage,change,fault,output,path_part", [
-    ("generate", ("generate", "temperature", 0.7), "kill-writing-parquet", "data/generations.parquet",
+    ("generate@iter_1", ("generate", "temperature", 0.7), "kill-writing-parquet", "data/iter_1/generations.parquet",
      "generations.parquet"),
-    ("train", ("train", "eta", 0.25), "kill-writing-safetensors", "models/policy", ".policy.tmp-"),
+    ("train@iter_1", ("train", "learning_rate", 3e-4), "kill-writing-safetensors", "models/iter_1", ".iter_1.tmp-"),
 ])
 def test_sigkill_while_writing_leaves_no_partial_output(tiny_project, tmp_path, stage, change, fault, output,
                                                         path_part):
     proj = copy_project(tiny_project, tmp_path / "proj")
     set_param(proj, *change)
-    killed = dvc(proj, "repro", env=fault_env(fault, stage, path_part))
+    killed = dvc(proj, "repro", env=fault_env(fault, stage.split("@")[0], path_part))
     assert killed.returncode != 0
     assert f"Running stage '{stage}'" in killed.stdout
     target = proj / output

@@ -7,12 +7,12 @@ from conftest import build_reward_model
 from rlhf_pipeline.data import load_ifeval, split_prompts
 from rlhf_pipeline.errors import PipelineError
 from rlhf_pipeline.params import RewardParams
-from rlhf_pipeline.rewards import penalize_missing_eos, reward_summary, score_responses
+from rlhf_pipeline.rewards import Scorers, penalize_missing_eos, reward_summary, score_responses, scorer_registry
 from rlhf_pipeline.rewards.ifeval import check_instructions, instruction_registry
 
 
 def ifeval_prompts(n=6) -> pa.Table:
-    return split_prompts(load_ifeval(), n + 1, 1, seed=0).train
+    return split_prompts(load_ifeval(), n + 2, 1, 1, seed=0).train
 
 
 def custom_prompts(rows) -> pa.Table:
@@ -64,7 +64,7 @@ def test_ifeval_reward_is_the_loose_fraction():
     assert table.column("reward_ifeval").to_pylist() == [1.0, 0.0, 0.5]
     assert table.column("ifeval_all_loose").to_pylist() == [True, False, False]
     assert table.column("ifeval_followed_strict").to_pylist()[2] == [True, False]
-    summary = reward_summary(table)
+    summary = reward_summary(table, Scorers(RewardParams()))
     assert summary["ifeval_prompt_accuracy_loose"] == pytest.approx(1 / 3)
     assert summary["ifeval_instruction_accuracy_loose"] == pytest.approx(3 / 6)
     assert summary["all_tied_prompt_share"] == 0.0
@@ -154,3 +154,27 @@ def test_reward_model_without_chat_template(tmp_path, tiny_model_dir):
 def test_responses_for_unknown_prompts():
     with pytest.raises(PipelineError, match="responses for prompts not in the prompt file"):
         score_responses([("zz", 0, "x")], ifeval_prompts(2), RewardParams())
+
+
+def test_every_scorer_in_the_params_schema_is_registered():
+    import typing
+
+    from rlhf_pipeline.params import Scorer
+
+    members = typing.get_args(typing.get_args(Scorer)[0])
+    assert {typing.get_args(m.model_fields["name"].annotation)[0] for m in members} == set(scorer_registry())
+
+
+def test_a_reward_model_is_loaded_once_per_stage(tiny_reward_model_dir, monkeypatch):
+    """One Scorers object scores several batches (evaluate_base: two splits) with one load."""
+    from rlhf_pipeline.rewards import sequence_classification
+
+    loads = []
+    real = sequence_classification.load_reward_model
+    monkeypatch.setattr(sequence_classification, "load_reward_model", lambda *a: loads.append(1) or real(*a))
+    prompts = ifeval_prompts(2)
+    pid = prompts.column("prompt_id").to_pylist()[0]
+    scorers = Scorers(RewardParams(scorers=[seq_cls(tiny_reward_model_dir)]))
+    first, _ = score_responses([(pid, 0, "Hi")], prompts, scorers, progress=False)
+    second, _ = score_responses([(pid, 0, "Hi")], prompts, scorers, progress=False)
+    assert len(loads) == 1 and first.column("reward").equals(second.column("reward"))

@@ -12,18 +12,20 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import REPO, stage_env
+from conftest import REPO, stage_command, stage_env
 
 
 def run_stage(cwd, name):
     (cwd / "stages").exists() or (cwd / "stages").symlink_to(REPO / "stages")
-    return subprocess.run([sys.executable, "-m", f"stages.{name}"], cwd=cwd, env=stage_env(),
-                          capture_output=True, text=True)
+    return subprocess.run(stage_command(name), cwd=cwd, env=stage_env(), capture_output=True, text=True)
 
 
 def write_params(cwd, data=None, policy=None, **sections):
-    """The committed params.yaml with ``data``, ``policy`` and other sections' keys replaced."""
+    """The committed params.yaml with ``data``, ``policy`` and other sections' keys replaced (one
+    validation prompt unless ``data`` says otherwise)."""
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    if data and "test_size" in data:
+        data = {"val_size": 1, **data}
     for name, values in {"data": data or {}, "policy": policy or {}, **sections}.items():
         raw[name].update(values)
     (cwd / "params.yaml").write_text(yaml.safe_dump(raw))
@@ -51,7 +53,7 @@ def test_prepare_prompts_bad_file(tmp_path, content, message):
     (tmp_path / "data/sources").mkdir(parents=True)
     if content is not None:
         (tmp_path / "data/sources/p.jsonl").write_bytes(content)
-    write_params(tmp_path, {"source": "file", "path": "data/sources/p.jsonl", "num_prompts": 2, "test_size": 1})
+    write_params(tmp_path, {"source": "file", "path": "data/sources/p.jsonl", "num_prompts": 3, "test_size": 1})
     proc = run_stage(tmp_path, "prepare_prompts")
     assert proc.returncode == 1, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
@@ -68,7 +70,8 @@ def test_prepare_prompts_from_file(tmp_path, tiny_model_dir):
     assert proc.returncode == 0, proc.stderr
     import pyarrow.parquet as pq
 
-    assert pq.read_table(tmp_path / "data/prompts/train.parquet").num_rows == 3
+    assert pq.read_table(tmp_path / "data/prompts/train.parquet").num_rows == 2
+    assert pq.read_table(tmp_path / "data/prompts/val.parquet").num_rows == 1
     assert pq.read_table(tmp_path / "data/prompts/test.parquet").num_rows == 2
 
 
@@ -180,7 +183,7 @@ def test_empty_generations_stop_score_before_any_output(tmp_path):
 
 def test_empty_pairs_stop_ref_logprobs_before_any_output(tmp_path, tiny_model_dir):
     with_base(tmp_path, tiny_model_dir)
-    from rlhf_pipeline.pairs import PAIRS_SCHEMA
+    from rlhf_pipeline.schemas import PAIRS as PAIRS_SCHEMA
 
     (tmp_path / "data").mkdir()
     pq.write_table(PAIRS_SCHEMA.empty_table(), tmp_path / "data/pairs.parquet")
@@ -207,7 +210,7 @@ def test_a_non_finite_or_null_reward_stops_pairs(tmp_path, tiny_model_dir, rewar
 FAULTS = REPO / "tests/fault_injection"
 
 
-SPLITS = ("data/prompts/train.parquet", "data/prompts/test.parquet")
+SPLITS = ("data/prompts/train.parquet", "data/prompts/val.parquet", "data/prompts/test.parquet")
 
 
 def rerun_prompts_with_fault(root, tiny_model_dir, fault: str, path_part: str, data: dict):
@@ -220,14 +223,14 @@ def rerun_prompts_with_fault(root, tiny_model_dir, fault: str, path_part: str, d
     write_params(root, data)
     env = {**stage_env(), "PYTHONPATH": str(FAULTS), "RLHF_FAULT": fault,
            "RLHF_FAULT_STAGE": "stages.prepare_prompts", "RLHF_FAULT_PATH": path_part}
-    proc = subprocess.run([sys.executable, "-m", "stages.prepare_prompts"], cwd=root, env=env,
+    proc = subprocess.run(stage_command("prepare_prompts"), cwd=root, env=env,
                           capture_output=True, text=True)
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
     return proc, before
 
 
 def test_sigterm_mid_write_leaves_old_outputs_and_no_temporaries(tmp_path, tiny_model_dir):
-    """SIGTERM while prepare_prompts writes its second file: both old splits stay, nothing half-made."""
+    """SIGTERM while prepare_prompts writes its last file: the old splits stay, nothing half-made."""
     proc, before = rerun_prompts_with_fault(tmp_path, tiny_model_dir, "term-writing-parquet", "test.parquet",
                                             {"num_prompts": 30, "test_size": 5})
     assert "interrupted (signal SIGTERM)" in proc.stderr and "Traceback" not in proc.stderr
@@ -244,5 +247,5 @@ def test_sigterm_between_the_renames_waits_until_both_are_in_place(tmp_path, tin
     train = pq.read_table(tmp_path / "data/prompts/train.parquet").column("prompt_id").to_pylist()
     test = pq.read_table(tmp_path / "data/prompts/test.parquet").column("prompt_id").to_pylist()
     assert (tmp_path / "data/prompts/test.parquet").read_bytes() != old_test
-    assert (len(train), len(test)) == (22, 8) and not set(train) & set(test)
+    assert (len(train), len(test)) == (21, 8) and not set(train) & set(test)
     assert no_temporaries(tmp_path) == []

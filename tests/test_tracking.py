@@ -99,7 +99,7 @@ def test_a_server_whose_api_fails_is_one_line(broken_server, tmp_path, monkeypat
     (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
     check_reachable(broken_server)  # /health answers: the old check let this through
     with pytest.raises(PipelineError) as exc:
-        log_pipeline_run({"seed": 1}, {}, [], [], {}, tmp_path, tmp_path / "dvc.lock")
+        log_pipeline_run({"seed": 1}, {}, {}, [], {}, tmp_path, tmp_path / "dvc.lock")
     message = str(exc.value)
     assert message.startswith(f"MLFLOW_TRACKING_URI={broken_server}: the tracking server failed (")
     assert "\n" not in message and "rerun `dvc repro`" in message

@@ -17,9 +17,25 @@ import yaml
 from conftest import REPO, stage_env
 from rlhf_pipeline.errors import PipelineError
 from rlhf_pipeline.logprobs import pair_logprobs
-from rlhf_pipeline.pairs import PAIRS_SCHEMA
+from rlhf_pipeline.schemas import PAIRS as PAIRS_SCHEMA
+from rlhf_pipeline.objectives import OBJECTIVES, PairwiseTask, check_reference, make_objective
 from rlhf_pipeline.params import TrainParams
-from rlhf_pipeline.training import check_reference, episode_order, train_policy
+from rlhf_pipeline.training import episode_order, train_policy
+
+#: The train stage's command line in a stage_dir project (dvc.yaml passes the same options).
+TRAIN = ["-m", "stages.train", "--iteration", "iter_1", "--policy", "models/base", "--pairs", "data/pairs.parquet",
+         "--ref-logprobs", "data/ref_logprobs.parquet", "--out", "models/policy", "--metrics", "metrics/train.json",
+         "--log", "metrics/train_log.tsv"]
+CHECKPOINTS = "models/.checkpoints/policy"
+
+
+def run_training(model_dir, pairs, ref, cfg, tmp_path, temperature=1.0, **kwargs):
+    """train_policy on a PairwiseTask, as the train stage calls it."""
+    from rlhf_pipeline.models import load_tokenizer
+
+    task = PairwiseTask(pairs, ref, make_objective(cfg.objective), load_tokenizer(model_dir).pad_token_id,
+                        temperature, "the pairs")
+    return train_policy(model_dir, task, cfg, 0, tmp_path / "policy", tmp_path / "ckpt", "f", progress=False, **kwargs)
 
 
 def synthetic_pairs(n=8):
@@ -40,19 +56,32 @@ def reference(model, tok, pairs):
     return pa.table({"prompt_id": pairs.column("prompt_id"), "chosen_logprob": c, "rejected_logprob": r})
 
 
-@pytest.mark.parametrize("loss", ["rebel", "dpo", "ipo", "simpo"])
-def test_policy_learns_to_prefer_chosen(tiny_policy, tiny_model_dir, tmp_path, loss):
+def test_every_objective_in_the_params_schema_is_registered():
+    import typing
+
+    from rlhf_pipeline.params import Objective
+
+    members = typing.get_args(typing.get_args(Objective)[0])
+    names = {typing.get_args(m.model_fields["name"].annotation)[0] for m in members}
+    assert names == set(OBJECTIVES)
+
+
+@pytest.mark.parametrize("objective", [{"name": "rebel", "eta": 1.0}, {"name": "dpo"}, {"name": "ipo"},
+                                       {"name": "simpo"}])
+def test_policy_learns_to_prefer_chosen(tiny_policy, tiny_model_dir, tmp_path, objective):
     from rlhf_pipeline.models import load_policy
 
     model, tok = tiny_policy
     pairs = synthetic_pairs()
     ref = reference(model, tok, pairs)
-    cfg = TrainParams(loss=loss, eta=1.0, temperature=1.0, learning_rate=1e-3, epochs=6, per_device_train_batch_size=2,
-                      gradient_accumulation_steps=2, warmup_ratio=0.0, save_every=100, dtype="float32")
+    cfg = TrainParams(objective=objective, temperature=1.0, learning_rate=1e-3, epochs=6,
+                      per_device_train_batch_size=2, gradient_accumulation_steps=2, warmup_ratio=0.0, save_every=100,
+                      dtype="float32")
     streamed = []
-    rows, summary = train_policy(tiny_model_dir, pairs, ref, cfg, 0, tmp_path / "policy", tmp_path / "ckpt", "f",
-                                 progress=False, on_update=streamed.append)
+    rows, summary = run_training(tiny_model_dir, pairs, ref, cfg, tmp_path, on_update=streamed.append)
     assert summary["updates"] == 12 and len(rows) == 12 and summary["batch_size"] == 4
+    assert summary["objective"] == objective["name"]
+    assert set(make_objective(cfg.objective).metric_names) <= set(rows[0])  # each objective logs its own figures
     assert streamed == rows  # what train.mlflow_live streams is the TSV log, update by update
     trained = load_policy(tmp_path / "policy", torch.float32, torch.device("cpu"))
     after = reference(trained, tok, pairs)
@@ -77,7 +106,7 @@ def test_too_few_episodes_for_a_batch(tiny_model_dir, tmp_path):
     ref = pa.table({"prompt_id": pairs.column("prompt_id"), "chosen_logprob": [0.0] * 3, "rejected_logprob": [0.0] * 3})
     cfg = TrainParams(per_device_train_batch_size=4, gradient_accumulation_steps=1, dtype="float32")
     with pytest.raises(PipelineError, match="train.total_episodes: 3 episodes is less than one batch of 4"):
-        train_policy(tiny_model_dir, pairs, ref, cfg, 0, tmp_path / "p", tmp_path / "c", "f", progress=False)
+        run_training(tiny_model_dir, pairs, ref, cfg, tmp_path)
 
 
 def test_episode_order_is_seeded_epochs_of_permutations():
@@ -108,12 +137,12 @@ def stage_dir(root, tiny_model_dir, tiny_policy, updates):
 def test_killed_training_resumes_to_the_same_weights(tmp_path, tiny_model_dir, tiny_policy):
     updates = 40
     whole = stage_dir(tmp_path / "whole", tiny_model_dir, tiny_policy, updates)
-    cmd = [sys.executable, "-m", "stages.train"]
+    cmd = [sys.executable, *TRAIN]
     subprocess.run(cmd, cwd=whole, env=stage_env(), check=True, capture_output=True)
 
     cut = stage_dir(tmp_path / "cut", tiny_model_dir, tiny_policy, updates)
     proc = subprocess.Popen(cmd, cwd=cut, env=stage_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = cut / "models/.checkpoints/train/latest/fingerprint"
+    marker = cut / CHECKPOINTS / "latest/fingerprint"
     deadline = time.time() + 300
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
@@ -127,7 +156,7 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path, tiny_model_dir, t
     assert (cut / "models/policy/model.safetensors").read_bytes() == (whole / "models/policy/model.safetensors").read_bytes()
     log = (cut / "metrics/train_log.tsv").read_text().splitlines()
     assert len(log) == updates + 1 and log[0].startswith("update\tepisodes\tloss")
-    assert not (cut / "models/.checkpoints/train").exists()
+    assert not (cut / CHECKPOINTS).exists()
 
 
 def free_port() -> int:
@@ -154,7 +183,7 @@ def test_two_processes_match_one_process(tmp_path, tiny_model_dir, tiny_policy):
     settings = dict(total_episodes=16, save_every=100, max_grad_norm=0.05, learning_rate=1e-3, warmup_ratio=0.0)
     one = stage_dir(tmp_path / "one", tiny_model_dir, tiny_policy, 4)
     set_train(one, per_device_train_batch_size=2, gradient_accumulation_steps=2, **settings)
-    subprocess.run([sys.executable, "-m", "stages.train"], cwd=one, env=stage_env(), check=True, capture_output=True)
+    subprocess.run([sys.executable, *TRAIN], cwd=one, env=stage_env(), check=True, capture_output=True)
 
     two = stage_dir(tmp_path / "two", tiny_model_dir, tiny_policy, 4)
     set_train(two, per_device_train_batch_size=1, gradient_accumulation_steps=2, **settings)
@@ -162,7 +191,7 @@ def test_two_processes_match_one_process(tmp_path, tiny_model_dir, tiny_policy):
     # torchrun launcher, and the stage's Accelerator(cpu=True) (no CUDA here) makes that DDP over gloo.
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(free_port()), "-m", "stages.train"]
+              "--main_process_port", str(free_port()), *TRAIN]
     proc = subprocess.run(launch, cwd=two, env=stage_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -193,7 +222,7 @@ def test_non_finite_loss_stops_before_the_step_and_writes_no_model(tiny_policy, 
     ref = ref.set_column(1, "chosen_logprob", pa.array([0.0, float("inf"), 0.0, 0.0]))  # bypassing the reader
     cfg = TrainParams(per_device_train_batch_size=2, gradient_accumulation_steps=1, save_every=1, dtype="float32")
     with pytest.raises(PipelineError, match=r"^train: update \d has loss (nan|inf) and gradient norm"):
-        train_policy(tiny_model_dir, pairs, ref, cfg, 0, tmp_path / "policy", tmp_path / "ckpt", "f", progress=False)
+        run_training(tiny_model_dir, pairs, ref, cfg, tmp_path)
     assert not (tmp_path / "policy").exists() and not list(tmp_path.glob(".policy*"))
 
 
@@ -204,9 +233,9 @@ def test_checkpoint_holds_no_pickled_objects_and_loads_nothing_that_runs(tmp_pat
 
     updates = 3
     root = stage_dir(tmp_path / "p", tiny_model_dir, tiny_policy, updates)
-    proc = subprocess.Popen([sys.executable, "-m", "stages.train"], cwd=root, env=stage_env(),
+    proc = subprocess.Popen([sys.executable, *TRAIN], cwd=root, env=stage_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    latest = root / "models/.checkpoints/train/latest"
+    latest = root / CHECKPOINTS / "latest"
     deadline = time.time() + 300
     while not (latest / "fingerprint").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
@@ -232,9 +261,9 @@ def test_checkpoint_holds_no_pickled_objects_and_loads_nothing_that_runs(tmp_pat
         for name, data in saved.items():
             (latest / name).write_bytes(data)
         (latest / planted).write_bytes(pickle.dumps({"state": Payload()}))
-        done = subprocess.run([sys.executable, "-m", "stages.train"], cwd=root, env=stage_env(), capture_output=True,
+        done = subprocess.run([sys.executable, *TRAIN], cwd=root, env=stage_env(), capture_output=True,
                               text=True)
         assert done.returncode == 1 and not marker.exists(), planted
         assert "Traceback" not in done.stderr
         assert done.stderr.strip().splitlines()[-1].startswith(
-            "error: models/.checkpoints/train/latest: the training checkpoint cannot be loaded safely"), planted
+            f"error: {CHECKPOINTS}/latest: the training checkpoint cannot be loaded safely"), planted

@@ -1,4 +1,5 @@
-"""Scoring responses (REBEL recipe, part 2): one module per scorer, combined here.
+"""Scoring responses (REBEL recipe, part 2): one module per scorer (a class registered in
+:func:`scorer_registry` under its params name), combined here.
 
 The reward of a response is the weighted sum of its scorers' values (``reward.scorers``); each
 scorer's raw value is kept in its own ``reward_<name>`` column.
@@ -13,7 +14,7 @@ import time
 import pyarrow as pa
 
 from rlhf_pipeline.errors import PipelineError
-from rlhf_pipeline.params import IFEvalScorer, RewardParams, SequenceClassificationScorer
+from rlhf_pipeline.params import RewardParams
 
 
 def reward_column(scorer_name: str) -> str:
@@ -22,22 +23,52 @@ def reward_column(scorer_name: str) -> str:
     return "reward_" + scorer_name.replace("-", "_")
 
 
+def scorer_registry() -> dict[str, type]:
+    """``reward.scorers[].name`` -> scorer class. A scorer class is built from its params model and
+    has ``validate(prompts, where)``, ``score(prompts_by_id, [(prompt_id, response)], progress) ->
+    (columns, facts)`` (its ``reward_<name>`` column among them) and ``summarise(table) -> dict``.
+    Every member of ``params.Scorer`` has one (tested)."""
+    from rlhf_pipeline.rewards.ifeval import IFEval
+    from rlhf_pipeline.rewards.sequence_classification import SequenceClassification
+
+    return {"ifeval": IFEval, "sequence-classification": SequenceClassification}
+
+
+class Scorers:
+    """The configured scorers of ``reward.scorers``, built once per stage (a reward model is loaded
+    on first use and kept), combined into one reward: the weighted sum of their values."""
+
+    def __init__(self, cfg: RewardParams):
+        registry = scorer_registry()
+        self.cfg = cfg
+        self.scorers = [(s, registry[s.name](s)) for s in cfg.scorers]
+
+    def validate(self, prompts: pa.Table, where: str) -> None:
+        """Check, before any scoring, that every scorer has the prompt columns it needs.
+
+        Raises:
+            PipelineError: naming the scorer and what it needs.
+        """
+        for _, scorer in self.scorers:
+            scorer.validate(prompts, where)
+
+    def summarise(self, table: pa.Table) -> dict:
+        """Each scorer's own figures over a scored table (IFEval's accuracies …)."""
+        out: dict = {}
+        for _, scorer in self.scorers:
+            out.update(scorer.summarise(table))
+        return out
+
+
 def validate_scorers(cfg: RewardParams, prompts: pa.Table, where: str) -> None:
-    """Check, before any scoring, that every scorer has the prompt columns it needs.
-
-    Raises:
-        PipelineError: naming the scorer and what it needs.
-    """
-    from rlhf_pipeline.rewards import ifeval
-
-    for scorer in cfg.scorers:
-        if isinstance(scorer, IFEvalScorer):
-            ifeval.validate(prompts, where)
+    """:meth:`Scorers.validate` for ``cfg`` (no model is loaded)."""
+    Scorers(cfg).validate(prompts, where)
 
 
-def score_responses(rows: list[tuple[str, int, str]], prompts: pa.Table, cfg: RewardParams,
+def score_responses(rows: list[tuple[str, int, str]], prompts: pa.Table, scorers: Scorers | RewardParams,
                     where: str = "prompts", progress: bool = True) -> tuple[pa.Table, dict]:
-    """Score (prompt_id, response_idx, response) rows with every scorer of ``cfg``.
+    """Score (prompt_id, response_idx, response) rows with every scorer (``RewardParams`` builds
+    the :class:`Scorers`; pass a built one to keep its models between calls).
 
     Returns:
         (table with ``prompt_id``, ``response_idx``, ``reward`` and each scorer's columns, in the
@@ -47,9 +78,9 @@ def score_responses(rows: list[tuple[str, int, str]], prompts: pa.Table, cfg: Re
         PipelineError: a scorer lacks what it needs (before scoring), a response's prompt is not
             among ``prompts``, or a reward is NaN or infinite (prompt and response named).
     """
-    from rlhf_pipeline.rewards import ifeval, sequence_classification
-
-    validate_scorers(cfg, prompts, where)
+    if isinstance(scorers, RewardParams):
+        scorers = Scorers(scorers)
+    scorers.validate(prompts, where)
     by_id = {r["prompt_id"]: r for r in prompts.to_pylist()}
     unknown = sorted({pid for pid, _, _ in rows} - by_id.keys())
     if unknown:
@@ -61,21 +92,16 @@ def score_responses(rows: list[tuple[str, int, str]], prompts: pa.Table, cfg: Re
     }
     facts: dict = {}
     total = [0.0] * len(rows)
-    for scorer in cfg.scorers:
+    for cfg, scorer in scorers.scorers:
         t0 = time.perf_counter()
-        if isinstance(scorer, IFEvalScorer):
-            cols = ifeval.score(by_id, texts)
-        elif isinstance(scorer, SequenceClassificationScorer):
-            cols, extra = sequence_classification.score(by_id, texts, scorer.options, progress)
-            facts[f"{scorer.name}_truncated"] = extra["truncated"]
-        else:  # the schema admits no other scorer
-            raise PipelineError(f"reward.scorers: no scorer named {scorer.name!r}")
-        facts[f"{scorer.name}_seconds"] = round(time.perf_counter() - t0, 3)
-        name = reward_column(scorer.name)
+        cols, extra = scorer.score(by_id, texts, progress)
+        facts.update({f"{cfg.name}_{k}": v for k, v in extra.items()})
+        facts[f"{cfg.name}_seconds"] = round(time.perf_counter() - t0, 3)
+        name = reward_column(cfg.name)
         for (pid, idx, _), value in zip(rows, cols[name].to_pylist()):
             if value is None or not math.isfinite(value):
-                raise PipelineError(f"scorer {scorer.name!r} gave reward {value} to prompt {pid} response {idx}")
-        total = [t + scorer.weight * v for t, v in zip(total, cols[name].to_pylist())]
+                raise PipelineError(f"scorer {cfg.name!r} gave reward {value} to prompt {pid} response {idx}")
+        total = [t + cfg.weight * v for t, v in zip(total, cols[name].to_pylist())]
         columns.update(cols)
     columns["reward"] = pa.array(total, pa.float64())
     order = ["prompt_id", "response_idx", "reward"] + [c for c in columns if c not in ("prompt_id", "response_idx", "reward")]
@@ -110,9 +136,10 @@ def penalize_missing_eos(table: pa.Table, finish_reasons: list[str], penalty: fl
     return table.append_column("missing_eos", pa.array(missing, pa.bool_()))
 
 
-def reward_summary(table: pa.Table) -> dict:
+def reward_summary(table: pa.Table, scorers: Scorers | None = None) -> dict:
     """Mean/std/min/max reward, the share of prompts whose responses all tie, the share of
-    penalised responses (when ``missing_eos`` is present) and IFEval's four accuracies."""
+    penalised responses (when ``missing_eos`` is present) and each scorer's own figures
+    (:meth:`Scorers.summarise`: IFEval's four accuracies)."""
     rewards = table.column("reward").to_pylist()
     per_prompt: dict[str, set] = {}
     for pid, r in zip(table.column("prompt_id").to_pylist(), rewards):
@@ -128,9 +155,6 @@ def reward_summary(table: pa.Table) -> dict:
     }
     if "missing_eos" in table.column_names:
         out["missing_eos_share"] = statistics.fmean(table.column("missing_eos").to_pylist()) if rewards else 0.0
-    if "ifeval_all_loose" in table.column_names:  # IFEval's four accuracies over every response
-        for mode in ("loose", "strict"):
-            followed = [x for row in table.column(f"ifeval_followed_{mode}").to_pylist() for x in row]
-            out[f"ifeval_prompt_accuracy_{mode}"] = statistics.fmean(table.column(f"ifeval_all_{mode}").to_pylist())
-            out[f"ifeval_instruction_accuracy_{mode}"] = statistics.fmean(followed)
+    if scorers is not None:
+        out.update(scorers.summarise(table))
     return {k: round(v, 6) if isinstance(v, float) else v for k, v in out.items()}

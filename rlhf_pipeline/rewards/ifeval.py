@@ -119,3 +119,32 @@ def score(prompts: dict[str, dict], rows: list[tuple[str, str]]) -> dict[str, pa
              "ifeval_all_strict": pa.bool_(), "ifeval_followed_loose": pa.list_(pa.bool_()),
              "ifeval_followed_strict": pa.list_(pa.bool_())}
     return {k: pa.array(v, types[k]) for k, v in cols.items()}
+
+
+class IFEval:
+    """The ``ifeval`` scorer (``reward.scorers: [{name: ifeval}]``): verifiable instruction following.
+
+    Reward: the loose fraction of the prompt's instructions followed, in [0, 1] (Zhou et al. 2023,
+    IFEval, "loose" accuracy). Needs the prompt file's ``instruction_id_list`` and ``kwargs``.
+    """
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def validate(self, prompts: pa.Table, where: str) -> None:
+        validate(prompts, where)
+
+    def score(self, prompts: dict[str, dict], rows: list[tuple[str, str]], progress: bool = True
+              ) -> tuple[dict[str, pa.Array], dict]:
+        return score(prompts, rows), {}
+
+    def summarise(self, table: pa.Table) -> dict:
+        """IFEval's four accuracies over every response of a scored table: prompt-level (every
+        instruction followed) and instruction-level, strict and loose."""
+        out = {}
+        for mode in ("loose", "strict"):
+            followed = [x for row in table.column(f"ifeval_followed_{mode}").to_pylist() for x in row]
+            all_followed = table.column(f"ifeval_all_{mode}").to_pylist()
+            out[f"ifeval_prompt_accuracy_{mode}"] = sum(all_followed) / len(all_followed) if all_followed else 0.0
+            out[f"ifeval_instruction_accuracy_{mode}"] = sum(followed) / len(followed) if followed else 0.0
+        return out

@@ -57,19 +57,40 @@ def conversation_ids(tokenizer, prompt: str, response: str) -> list[int]:
     return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "input_ids") else ids)
 
 
+class SequenceClassification:
+    """The ``sequence-classification`` scorer: a reward model's scalar for the (prompt, response)
+    conversation. The model is loaded on the first :meth:`score` and kept for the stage's later calls."""
+
+    def __init__(self, cfg):
+        self.opts: SequenceClassificationOptions = cfg.options
+        self._loaded = None
+
+    def validate(self, prompts: pa.Table, where: str) -> None:
+        """Nothing beyond ``prompt``: the conversation is the prompt text and the response."""
+
+    def score(self, prompts: dict[str, dict], rows: list[tuple[str, str]], progress: bool = True
+              ) -> tuple[dict[str, pa.Array], dict]:
+        """See :func:`score`; facts: ``truncated`` conversations."""
+        from rlhf_pipeline.models import default_device
+
+        if self._loaded is None:
+            device = default_device()
+            self._loaded = (*load_reward_model(self.opts, device), device)
+        return score(prompts, rows, self.opts, *self._loaded, progress=progress)
+
+    def summarise(self, table: pa.Table) -> dict:
+        return {}
+
+
 @torch.no_grad()
-def score(prompts: dict[str, dict], rows: list[tuple[str, str]], opts: SequenceClassificationOptions,
-          progress: bool = True) -> tuple[dict[str, pa.Array], dict]:
-    """The reward model's scalar for each (prompt_id, response) row.
+def score(prompts: dict[str, dict], rows: list[tuple[str, str]], opts: SequenceClassificationOptions, model, tok,
+          device: torch.device, progress: bool = True) -> tuple[dict[str, pa.Array], dict]:
+    """The reward model's scalar for each (prompt_id, response) row, conversations batched by length.
 
     Returns:
         ({"reward_sequence_classification": float64 array aligned with rows},
          {"truncated": conversations cut at options.max_length}).
     """
-    from rlhf_pipeline.models import default_device
-
-    device = default_device()
-    model, tok = load_reward_model(opts, device)
     encoded = [conversation_ids(tok, prompts[pid]["prompt"], resp) for pid, resp in rows]
     truncated = sum(len(e) > opts.max_length for e in encoded)
     encoded = [e[: opts.max_length] for e in encoded]

@@ -1,0 +1,195 @@
+"""Pairwise objectives for the one training loop (``rlhf_pipeline.training``): REBEL, DPO, IPO, SimPO.
+
+An objective turns a micro-batch's sequence log-probs into a scalar loss and its named figures;
+the loss formulas themselves are the pure functions of ``rlhf_pipeline.losses``. Each objective
+has its own params model (``params.RebelObjective`` …, picked by ``train.objective.name``) and is
+registered in :data:`OBJECTIVES` under that name. :class:`PairwiseTask` feeds them: it holds the
+chosen/rejected pairs and their reference log-probs and computes the policy's log-probs of a
+micro-batch. An objective on other data (SFT, a Bradley–Terry reward model) brings its own task
+with the same three members (``lengths``, ``metric_names``, ``forward``) and reuses the loop.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import pyarrow as pa
+import torch
+
+from rlhf_pipeline.errors import PipelineError
+from rlhf_pipeline.logprobs import sequence_logprobs
+from rlhf_pipeline.losses import dpo_loss, ipo_loss, rebel_loss, simpo_loss
+from rlhf_pipeline.params import DpoObjective, IpoObjective, RebelObjective, SimpoObjective
+
+
+class PairBatch(NamedTuple):
+    """One micro-batch of pairs; every field (batch,) float32. Log-probs are summed over the
+    response tokens (nats); ``*_tokens`` are response lengths (tokens)."""
+
+    policy_chosen: torch.Tensor
+    policy_rejected: torch.Tensor
+    ref_chosen: torch.Tensor
+    ref_rejected: torch.Tensor
+    reward_chosen: torch.Tensor
+    reward_rejected: torch.Tensor
+    chosen_tokens: torch.Tensor
+    rejected_tokens: torch.Tensor
+
+    def log_ratio_gap(self) -> torch.Tensor:
+        """(batch,) (log πθ(y|x) − log π_ref(y|x)) − (log πθ(y'|x) − log π_ref(y'|x)), nats."""
+        return (self.policy_chosen - self.ref_chosen) - (self.policy_rejected - self.ref_rejected)
+
+
+class PairObjective:
+    """A loss on :class:`PairBatch`. ``loss`` returns (scalar loss, {name: scalar}) with the names
+    of :attr:`metric_names`, means over the micro-batch."""
+
+    metric_names: tuple[str, ...] = ()
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def loss(self, b: PairBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+
+class Rebel(PairObjective):
+    """REBEL (Gao et al. 2024, Eq. 1; :func:`rlhf_pipeline.losses.rebel_loss`). Logs the predicted
+    reward gap (Δ log-ratio / η), the target reward gap r(x,y) − r(x,y') and how often their signs
+    agree."""
+
+    cfg: RebelObjective
+    metric_names = ("predicted_reward_gap", "target_reward_gap", "sign_agreement")
+
+    def loss(self, b):
+        loss, _ = rebel_loss(b.policy_chosen, b.policy_rejected, b.ref_chosen, b.ref_rejected, b.reward_chosen,
+                             b.reward_rejected, self.cfg.eta)
+        predicted, target = b.log_ratio_gap() / self.cfg.eta, b.reward_chosen - b.reward_rejected
+        return loss, {"predicted_reward_gap": predicted.mean(), "target_reward_gap": target.mean(),
+                      "sign_agreement": (torch.sign(predicted) == torch.sign(target)).float().mean()}
+
+
+def _margin_figures(margin: torch.Tensor) -> dict[str, torch.Tensor]:
+    # TRL's rewards/margins and rewards/accuracies: the implicit reward gap and how often it is positive.
+    return {"reward_margin": margin.mean(), "reward_accuracy": (margin > 0).float().mean()}
+
+
+class Dpo(PairObjective):
+    """DPO (Rafailov et al. 2023, Eq. 7; :func:`rlhf_pipeline.losses.dpo_loss`). Logs the implicit
+    reward margin β·Δ log-ratio and its accuracy."""
+
+    cfg: DpoObjective
+    metric_names = ("reward_margin", "reward_accuracy")
+
+    def loss(self, b):
+        loss = dpo_loss(b.policy_chosen, b.policy_rejected, b.ref_chosen, b.ref_rejected, self.cfg.beta)
+        return loss, _margin_figures(self.cfg.beta * b.log_ratio_gap())
+
+
+class Ipo(PairObjective):
+    """IPO (Azar et al. 2023, Eq. 17; :func:`rlhf_pipeline.losses.ipo_loss`). Logs the log-ratio
+    gap (its target is 1/(2τ)) and how often it is positive."""
+
+    cfg: IpoObjective
+    metric_names = ("reward_margin", "reward_accuracy")
+
+    def loss(self, b):
+        loss = ipo_loss(b.policy_chosen, b.policy_rejected, b.ref_chosen, b.ref_rejected, self.cfg.tau)
+        return loss, _margin_figures(b.log_ratio_gap())
+
+
+class Simpo(PairObjective):
+    """SimPO (Meng et al. 2024, Eq. 6; :func:`rlhf_pipeline.losses.simpo_loss`); no reference policy.
+    Logs the length-normalised margin β/|y| log πθ(y|x) − β/|y'| log πθ(y'|x) and its accuracy."""
+
+    cfg: SimpoObjective
+    metric_names = ("reward_margin", "reward_accuracy")
+
+    def loss(self, b):
+        loss = simpo_loss(b.policy_chosen, b.policy_rejected, b.chosen_tokens, b.rejected_tokens, self.cfg.beta,
+                          self.cfg.gamma)
+        margin = self.cfg.beta * (b.policy_chosen / b.chosen_tokens - b.policy_rejected / b.rejected_tokens)
+        return loss, _margin_figures(margin)
+
+
+#: ``train.objective.name`` -> objective class; every member of ``params.Objective`` has one (tested).
+OBJECTIVES: dict[str, type[PairObjective]] = {"rebel": Rebel, "dpo": Dpo, "ipo": Ipo, "simpo": Simpo}
+
+
+def make_objective(cfg) -> PairObjective:
+    """The objective for a validated ``train.objective`` params model.
+
+    Raises:
+        PipelineError: no objective is registered under its name.
+    """
+    try:
+        return OBJECTIVES[cfg.name](cfg)
+    except KeyError:
+        raise PipelineError(f"train.objective.name: no objective named {cfg.name!r}") from None
+
+
+def check_reference(pairs: pa.Table, ref: pa.Table, where: str) -> None:
+    """The reference log-probs must be those of these pairs, row for row.
+
+    Raises:
+        PipelineError: an empty pairs file, or reference rows that differ in count, ids or order.
+    """
+    if pairs.num_rows == 0:
+        raise PipelineError(f"{where}: the pairs file has no rows")
+    a, b = pairs.column("prompt_id").to_pylist(), ref.column("prompt_id").to_pylist()
+    if a != b:
+        first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        raise PipelineError(f"{where}: reference log-probs do not match the pairs ({len(b)} vs {len(a)} rows, first "
+                            f"difference at row {first}); rerun the ref_logprobs stage")
+
+
+class PairwiseTask:
+    """Chosen/rejected pairs (token ids as sampled) and their reference log-probs, for a
+    :class:`PairObjective`.
+
+    Args:
+        pairs: the pairs table (``prompt_ids``, ``chosen_ids``, ``rejected_ids``, ``chosen_reward``,
+            ``rejected_reward``). ref: the reference log-prob table, row for row.
+        temperature: logits are divided by it for the log-probs (the sampling temperature).
+        where: label of the inputs for error messages.
+
+    Raises:
+        PipelineError: see :func:`check_reference`.
+    """
+
+    def __init__(self, pairs: pa.Table, ref: pa.Table, objective: PairObjective, pad_id: int, temperature: float,
+                 where: str):
+        check_reference(pairs, ref, where)
+        self.objective = objective
+        self.pad_id, self.temperature = pad_id, temperature
+        self.prompts, self.chosen, self.rejected = (pairs.column(c).to_pylist()
+                                                    for c in ("prompt_ids", "chosen_ids", "rejected_ids"))
+        col = lambda t, c: torch.tensor(t.column(c).to_pylist(), dtype=torch.float32)  # noqa: E731
+        self.reward_c, self.reward_r = col(pairs, "chosen_reward"), col(pairs, "rejected_reward")
+        self.ref_c, self.ref_r = col(ref, "chosen_logprob"), col(ref, "rejected_logprob")
+        #: per pair, the longer of its two sequences (tokens): for length grouping and the context check
+        self.lengths = [len(p) + max(len(c), len(r)) for p, c, r in zip(self.prompts, self.chosen, self.rejected)]
+        #: KL figures of every pairwise objective, then the objective's own
+        self.metric_names = ("kl_chosen", "kl_rejected", *objective.metric_names)
+
+    def tokens(self, idx: list[int]) -> int:
+        """Tokens one forward pass over these pairs processes (prompt twice, both responses)."""
+        return sum(2 * len(self.prompts[i]) + len(self.chosen[i]) + len(self.rejected[i]) for i in idx)
+
+    def forward(self, model, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The objective's loss on pairs ``idx`` and its figures as a (len(metric_names),) tensor
+        without grad: kl_chosen and kl_rejected are mean log πθ − log π_ref of each side (nats)."""
+        logps = sequence_logprobs(model, [self.prompts[i] for i in idx] * 2,
+                                  [self.chosen[i] for i in idx] + [self.rejected[i] for i in idx], self.pad_id,
+                                  self.temperature)
+        n = len(idx)
+        device = logps.device
+        lengths = lambda seqs: torch.tensor([len(seqs[i]) for i in idx], dtype=torch.float32, device=device)  # noqa: E731
+        b = PairBatch(logps[:n], logps[n:], self.ref_c[idx].to(device), self.ref_r[idx].to(device),
+                      self.reward_c[idx].to(device), self.reward_r[idx].to(device),
+                      lengths(self.chosen), lengths(self.rejected))
+        loss, figures = self.objective.loss(b)
+        with torch.no_grad():
+            terms = [(b.policy_chosen - b.ref_chosen).mean(), (b.policy_rejected - b.ref_rejected).mean(),
+                     *(figures[k] for k in self.objective.metric_names)]
+            return loss, torch.stack([t.detach().float() for t in terms])
