@@ -69,7 +69,7 @@ class DataParams(_Section):
     data_files: str | list[str] | None = None
     split: str = "train"
     prompt_field: str = Field("prompt", min_length=1)
-    num_prompts: Int | None = Field(144, ge=3, description="train + validation + test prompts drawn (seeded); "
+    num_prompts: Int | None = Field(None, ge=3, description="train + validation + test prompts drawn (seeded); "
                                     "null: all")
     test_size: Int = Field(48, ge=1, description="held-out test prompts: reported once per pipeline execution")
     val_size: Int = Field(32, ge=1, description="held-out validation prompts: every iteration is evaluated on "
