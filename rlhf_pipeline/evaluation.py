@@ -178,7 +178,9 @@ def compare_with_base(base: pa.Table, base_dir: str | Path, policy_dir: str | Pa
     """
     sampling = cfg.sampling(generate)
     trained, facts = sample_and_score(policy_dir, prompts, sampling, scorers, seed, where)
-    keys = lambda t: list(zip(*(t.column(c).to_pylist() for c in (*_KEYS, "seed"))))  # noqa: E731
+    def keys(table):
+        return list(zip(*(table.column(c).to_pylist() for c in (*_KEYS, "seed"))))
+
     base = base.sort_by([(k, "ascending") for k in _KEYS])
     if keys(base) != keys(trained):
         raise PipelineError(f"{where}: the base policy's evaluation responses are not for the same prompts, "

@@ -35,10 +35,10 @@ def response_token_ids(new_tokens: list[int], stop_ids: set[int] | list[int]) ->
     A response is the generated tokens up to and including the first stop (end-of-turn) token;
     tokens a batch generated after it are not part of it. The end-of-turn token belongs to the
     response only where it was generated: a response cut at ``max_new_tokens`` ends without one.
-    These ids, stored in ``data/generations.parquet``, are what ``pairs`` copies into chosen and
-    rejected ids and what ``ref_logprobs``, ``train`` and ``evaluate`` score: log-probs are of the
-    tokens sampled, never of a re-tokenization of the text or of an end-of-turn token that was
-    never drawn.
+    These ids, stored in the generations file (``schemas.GENERATIONS``), are what ``pairs`` copies
+    into chosen and rejected ids and what ``ref_logprobs``, ``train`` and ``evaluate`` score:
+    log-probs are of the tokens sampled, never of a re-tokenization of the text or of an
+    end-of-turn token that was never drawn.
 
     Returns:
         (ids, shape (response_tokens,); ``"stop"`` if they end with a stop token, else ``"length"``).
@@ -72,7 +72,7 @@ class Response:
 
 
 def responses_table(responses: list[Response]) -> pa.Table:
-    """The ``data/generations.parquet`` table, sorted by (prompt_id, response_idx)."""
+    """The generations table (``schemas.GENERATIONS``), sorted by (prompt_id, response_idx)."""
     rows = sorted(responses, key=lambda r: (r.prompt_id, r.response_idx))
     return pa.Table.from_pylist([r.__dict__ for r in rows], schema=GENERATIONS)
 
@@ -286,7 +286,7 @@ def run_generation(model_dir: str | Path, prompts: list[tuple[str, str]], cfg: S
     """Load the policy from ``model_dir`` and sample responses with ``cfg.backend``.
 
     Returns:
-        (``data/generations.parquet`` table, metrics dict).
+        (generations table, ``schemas.GENERATIONS``; metrics dict).
     """
     from rlhf_pipeline.models import default_device, load_policy, load_tokenizer, resolve_dtype
 

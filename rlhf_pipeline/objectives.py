@@ -164,7 +164,9 @@ class PairwiseTask:
         self.pad_id, self.temperature = pad_id, temperature
         self.prompts, self.chosen, self.rejected = (pairs.column(c).to_pylist()
                                                     for c in ("prompt_ids", "chosen_ids", "rejected_ids"))
-        col = lambda t, c: torch.tensor(t.column(c).to_pylist(), dtype=torch.float32)  # noqa: E731
+        def col(table, name):
+            return torch.tensor(table.column(name).to_pylist(), dtype=torch.float32)
+
         self.reward_c, self.reward_r = col(pairs, "chosen_reward"), col(pairs, "rejected_reward")
         self.ref_c, self.ref_r = col(ref, "chosen_logprob"), col(ref, "rejected_logprob")
         #: per pair, the longer of its two sequences (tokens): for length grouping and the context check
@@ -184,7 +186,10 @@ class PairwiseTask:
                                   self.temperature)
         n = len(idx)
         device = logps.device
-        lengths = lambda seqs: torch.tensor([len(seqs[i]) for i in idx], dtype=torch.float32, device=device)  # noqa: E731
+
+        def lengths(seqs):
+            return torch.tensor([len(seqs[i]) for i in idx], dtype=torch.float32, device=device)
+
         b = PairBatch(logps[:n], logps[n:], self.ref_c[idx].to(device), self.ref_r[idx].to(device),
                       self.reward_c[idx].to(device), self.reward_r[idx].to(device),
                       lengths(self.chosen), lengths(self.rejected))

@@ -92,7 +92,7 @@ def build_pairs(responses: dict[str, list[Candidate]], prompts: dict[str, str], 
     rejected texts identical; reward gap below ``min_reward_gap``.
 
     Returns:
-        (``data/pairs.parquet`` table sorted by prompt_id, counts and means for the metrics file).
+        (pairs table, ``schemas.PAIRS``, sorted by prompt_id; counts and means for the metrics file).
 
     Raises:
         PipelineError: a response's prompt is unknown, or every prompt was filtered out (the

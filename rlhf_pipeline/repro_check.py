@@ -178,7 +178,8 @@ def check_profile(root: Path, profile: Path, against: str | None, summary: Path 
                  "", "| stage | output | two runs |", "|---|---|---|"]
         lines += [f"| {s} | `{p}` | {v} |" for s, p, v in rows]
         if against:
-            lines += ["", f"## Params changed against `{against}`", "", _dvc_markdown(root, env, "params", "diff", against),
+            lines += ["", f"## Params changed against `{against}`", "",
+                      _dvc_markdown(root, env, "params", "diff", against),
                       "", f"## Metrics changed against `{against}`", "",
                       _dvc_markdown(root, env, "metrics", "diff", against)]
         summary.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -11,7 +11,7 @@ import pyarrow as pa
 
 _IDS = pa.list_(pa.int32())
 
-#: ``data/prompts/{train,val,test}.parquet``: fixed columns (sources add their own).
+#: Prompt files (train, validation, test splits): fixed columns (sources add their own).
 PROMPTS = pa.schema([("prompt_id", pa.string()), ("prompt", pa.string())])
 
 #: ``generations.parquet``: one row per (prompt_id, response_idx); token ids exactly as sampled.

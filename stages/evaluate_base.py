@@ -27,7 +27,8 @@ def main(argv=None) -> None:
         table, facts = sample_and_score(args.policy, read_parquet(path, columns(PROMPTS)), sampling, scorers,
                                         params.seed, path)
         tables.append(table.append_column("split", pa.array([split] * table.num_rows, pa.string())))
-        metrics[split] = {"prompts": len(set(table.column("prompt_id").to_pylist())), **policy_summary(table, scorers), **facts}
+        metrics[split] = {"prompts": len(set(table.column("prompt_id").to_pylist())),
+                          **policy_summary(table, scorers), **facts}
     with output_group():
         write_parquet(pa.concat_tables(tables), args.out)
         write_json({**metrics, "peak_rss_mb": peak_rss_mb()}, args.metrics)

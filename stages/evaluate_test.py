@@ -46,8 +46,8 @@ def main(argv=None) -> None:
     base = read_parquet(args.base_responses, {"split": None})
     base = base.filter(pc.equal(base.column("split"), "test"))
     models = Path(args.models)
-    table, test = compare_with_base(base, models / "base", models / names[-1], prompts, params.generate, Scorers(params.reward),
-                                    params.evaluate, params.seed, args.prompts)
+    table, test = compare_with_base(base, models / "base", models / names[-1], prompts, params.generate,
+                                    Scorers(params.reward), params.evaluate, params.seed, args.prompts)
     rows = iteration_rows(validation)
     metrics = {"validation": {name: {k: v for k, v in row.items() if k != "iteration"}
                               for name, row in zip(names, rows)},

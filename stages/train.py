@@ -30,8 +30,8 @@ def main(argv=None) -> None:
     task = PairwiseTask(pairs, ref, make_objective(params.train.objective), load_tokenizer(args.policy).pad_token_id,
                         temperature, f"{args.pairs} and {args.ref_logprobs}")
     out = Path(args.out)
-    fingerprint = inputs_fingerprint([Path(args.pairs), Path(args.ref_logprobs), Path(args.policy) / "model.safetensors"],
-                                     params.train, seed, temperature)
+    inputs = [Path(args.pairs), Path(args.ref_logprobs), Path(args.policy) / "model.safetensors"]
+    fingerprint = inputs_fingerprint(inputs, params.train, seed, temperature)
     main_process = is_main_process()
     live = None
     if params.train.mlflow_live and main_process:  # before training: an unreachable server fails here
