@@ -22,7 +22,7 @@ repro: venv
 	$(RUN) dvc repro
 
 test: venv
-	$(RUN) HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python -m pytest -q
+	$(RUN) HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python -m pytest -q -n auto --dist loadfile --durations=15
 
 # Rerun every stage in a scratch clone and compare each data/model output's md5 with dvc.lock.
 check-repro: venv
