@@ -1,22 +1,33 @@
-"""Generation speed: the `generate` stage's code against a plain `model.generate` loop.
+"""Generation speed: the `generate` stage's sampler against a plain `model.generate` loop, and
+against the CPU's fp32 compute limit, all measured in one run.
 
-Same prompts (IFEval train prompts), same responses per prompt, sequences per batch, dtype and
-max_new_tokens, in one run. The baseline is what one would write with transformers directly:
-default attention, prompts in arrival order, `num_return_sequences=N`, `do_sample=True`. Tokens
-count generated tokens up to and including the end-of-turn token (padding after it is not counted).
+Same prompts (IFEval train prompts), responses per prompt, sequences per batch, dtype and
+max_new_tokens. The baseline is what one would write with transformers directly: default
+attention, prompts in arrival order, `num_return_sequences=N`, `do_sample=True`. Tokens count
+generated tokens up to and including the end-of-turn token (padding after it is not counted).
+
+The compute limit: the best fp32 GFLOP/s of a decode-shaped (batch x 576 x 1536) and a square 2048
+matmul on all the process's threads, divided by 2 x parameters FLOP per generated token.
+
+With ``--compete``, the stage runs a second time beside one CPU-bound process (a pure-Python busy
+loop, as a browser tab or a second experiment would be) and the slowdown factor is printed.
 
     python bench/generate.py [--prompts 32] [--responses 4] [--max-new-tokens 128] [--batch-size 64]
+                             [--compete] [--skip-baseline]
 
-Prints tokens/s of each and the ratio (goal >= 1.0; moonshot >= 1.3).
+Prints tokens/s of each, the ratio (goal >= 5x plain generate) and the fraction of the compute limit
+(moonshot >= 0.5).
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import tempfile
 import time
 from pathlib import Path
 
+import rlhf_pipeline  # noqa: F401  (first: sets the OpenMP wait policy before torch loads OpenMP)
 import torch
 
 from rlhf_pipeline.chat import chat_messages
@@ -51,6 +62,31 @@ def baseline(model_dir, prompts, cfg, dtype, seed) -> int:
     return tokens
 
 
+def matmul_gflops(dtype: torch.dtype) -> float:
+    """Best GFLOP/s of a decode-shaped and a square matmul (2 m n k FLOP each)."""
+    best = 0.0
+    for m, k, n in ((64, 576, 1536), (2048, 2048, 2048)):
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        a @ b
+        reps = max(3, int(2e10 // (2 * m * k * n)))
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def busy_loop() -> None:  # pragma: no cover - runs in the competing process
+    while True:
+        pass
+
+
+def run_stage(model, tok, prompts, cfg, seed) -> tuple[int, float]:
+    t0 = time.perf_counter()
+    ours = generate_transformers(model, tok, prompts, cfg, seed, progress=False)
+    return sum(r.num_tokens for r in ours), time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model-dir", default="models/base", help="prepared model (made in a temp dir if missing)")
@@ -60,34 +96,58 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compete", action="store_true", help="also run the stage beside one busy process")
+    ap.add_argument("--skip-baseline", action="store_true", help="leave out the plain model.generate loop")
     args = ap.parse_args()
 
     model_dir = Path(args.model_dir)
     if not (model_dir / "config.json").is_file():
         model_dir = Path(tempfile.mkdtemp()) / "base"
         prepare_base_model("smollm2-135m-instruct", model_dir)
-    split = split_prompts(load_ifeval(), None, 100, args.seed)
+    split = split_prompts(load_ifeval(), None, 48, 32, args.seed)  # the default test and val sizes
     table = split.train.slice(0, args.prompts)
     prompts = list(zip(table.column("prompt_id").to_pylist(), table.column("prompt").to_pylist()))
     cfg = GenerateParams(num_responses=args.responses, max_new_tokens=args.max_new_tokens,
                          batch_size=args.batch_size, dtype=args.dtype)
-    dtype = resolve_dtype(cfg.dtype, default_device())
+    device = default_device()
+    dtype = resolve_dtype(cfg.dtype, device)
     print(f"{len(prompts)} prompts x {cfg.num_responses} responses, max_new_tokens={cfg.max_new_tokens}, "
-          f"batch_size={cfg.batch_size}, dtype={dtype}, threads={torch.get_num_threads()}")
-
-    t0 = time.perf_counter()
-    base_tokens = baseline(model_dir, prompts, cfg, dtype, args.seed)
-    base_s = time.perf_counter() - t0
-    print(f"baseline model.generate : {base_tokens:6d} tokens {base_s:7.1f} s {base_tokens / base_s:7.1f} tok/s")
+          f"batch_size={cfg.batch_size}, dtype={dtype}, device={device.type}, threads={torch.get_num_threads()}")
 
     tok = load_tokenizer(model_dir)
     model = load_policy(model_dir, dtype)
-    t0 = time.perf_counter()
-    ours = generate_transformers(model, tok, prompts, cfg, args.seed, progress=False)
-    ours_s = time.perf_counter() - t0
-    ours_tokens = sum(r.num_tokens for r in ours)
-    print(f"generate stage          : {ours_tokens:6d} tokens {ours_s:7.1f} s {ours_tokens / ours_s:7.1f} tok/s")
-    print(f"ratio (stage / baseline tokens/s): {(ours_tokens / ours_s) / (base_tokens / base_s):.2f}")
+    params = sum(p.numel() for p in model.parameters())
+    if device.type == "cpu":
+        gflops = matmul_gflops(dtype)
+        limit = gflops * 1e9 / (2 * params)
+        print(f"compute limit           : {gflops:.1f} GFLOP/s matmul / (2 x {params / 1e6:.1f} M params) "
+              f"= {limit:.0f} tok/s")
+
+    base_rate = None
+    if not args.skip_baseline:
+        t0 = time.perf_counter()
+        base_tokens = baseline(model_dir, prompts, cfg, dtype, args.seed)
+        base_s = time.perf_counter() - t0
+        base_rate = base_tokens / base_s
+        print(f"baseline model.generate : {base_tokens:6d} tokens {base_s:7.1f} s {base_rate:7.1f} tok/s")
+
+    tokens, seconds = run_stage(model, tok, prompts, cfg, args.seed)
+    rate = tokens / seconds
+    print(f"generate stage          : {tokens:6d} tokens {seconds:7.1f} s {rate:7.1f} tok/s")
+    if base_rate:
+        print(f"ratio (stage / baseline tokens/s): {rate / base_rate:.2f}")
+    if device.type == "cpu":
+        print(f"fraction of the compute limit: {rate / limit:.2f}")
+    if args.compete:
+        rival = multiprocessing.get_context("spawn").Process(target=busy_loop, daemon=True)
+        rival.start()
+        try:
+            tokens_c, seconds_c = run_stage(model, tok, prompts, cfg, args.seed)
+        finally:
+            rival.terminate()
+        print(f"beside one busy process : {tokens_c:6d} tokens {seconds_c:7.1f} s {tokens_c / seconds_c:7.1f} tok/s "
+              f"(same tokens: {tokens_c == tokens})")
+        print(f"slowdown with one competing process: {seconds_c / seconds:.2f}x")
 
 
 if __name__ == "__main__":

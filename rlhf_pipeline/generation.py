@@ -77,110 +77,6 @@ def responses_table(responses: list[Response]) -> pa.Table:
     return pa.Table.from_pylist([r.__dict__ for r in rows], schema=GENERATIONS)
 
 
-class SeededSampler:
-    """A logits processor that draws each row's next token from that row's own generator.
-
-    Nucleus sampling (Holtzman et al., arXiv 1904.09751) at ``temperature``: keep the most
-    probable tokens until their mass reaches ``top_p``, renormalise, and draw by inverting the CDF with one uniform from
-    the row's generator. The nucleus is found with a ``topk`` that grows until every row's mass
-    reaches ``top_p``, instead of sorting the whole vocabulary (on 64 x 49152 logits that sort
-    alone took 0.19 s per step on 2 CPU cores). This is the set transformers' ``TopPLogitsWarper``
-    keeps in nearly every row, not all: tied probabilities at the boundary, and cumulative sums
-    that round differently in float32 (ours adds from the most probable token, transformers' from
-    the least), change the last token kept in about 0.07 % of rows measured on real logits.
-
-    It returns scores that are 0 at the drawn token and -inf elsewhere, so ``generate`` run in
-    greedy mode emits exactly the drawn token. ``temperature`` 0 is greedy decoding (the most
-    probable token, ties to the lowest id; no random draw).
-    """
-
-    def __init__(self, seeds: list[int], temperature: float, top_p: float, device: torch.device,
-                 first_k: int = 64):
-        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-        self.temperature = temperature
-        self.top_p = top_p
-        self.first_k = first_k
-
-    def nucleus(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(probabilities, token ids), both (batch, k), most probable first, zero outside the
-        nucleus; rows do not sum to 1."""
-        probs = torch.softmax(scores.float() / self.temperature, dim=-1)  # (batch, vocab)
-        if self.top_p >= 1.0:  # the whole vocabulary; a float cumsum can pass 1 before its end
-            return probs, torch.arange(probs.shape[-1], device=probs.device).expand_as(probs)
-        k = min(self.first_k, probs.shape[-1])
-        while True:
-            top, ids = probs.topk(k, dim=-1)
-            before = top.cumsum(-1) - top  # mass of the more probable tokens
-            if k == probs.shape[-1] or bool((before[:, -1] >= self.top_p).all()):
-                break
-            k = min(4 * k, probs.shape[-1])
-        return top.masked_fill(before >= self.top_p, 0.0), ids
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self.temperature == 0:
-            drawn = scores.argmax(-1, keepdim=True)
-            return torch.full_like(scores, float("-inf")).scatter_(1, drawn, 0.0)
-        top, ids = self.nucleus(scores)
-        cdf = top.cumsum(-1)
-        u = torch.cat([torch.rand(1, generator=g, device=cdf.device) for g in self.generators])
-        pos = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_(max=top.shape[-1] - 1)
-        drawn = ids.gather(1, pos)
-        return torch.full_like(scores, float("-inf")).scatter_(1, drawn, 0.0)
-
-
-def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), both (batch, max_len), padded on the left."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r):] = 1
-    return ids, mask
-
-
-@torch.no_grad()
-def _sample_batch(model, prompts: list[list[int]], seeds: list[list[int]], cfg: SamplingParams,
-                  pad_id: int, stop_ids: list[int]) -> list[tuple[list[int], str]]:
-    """Sample ``len(seeds[i])`` responses for each prompt of a batch.
-
-    The prompts are prefilled once (all but their last token), and the KV cache is repeated for
-    the N responses, instead of prefilling N identical copies as ``num_return_sequences`` does.
-    Decoding uses exactly ``cfg``: ``use_model_defaults=False`` keeps the model folder's
-    ``generation_config.json`` (a ``repetition_penalty``, ``top_k``, ``temperature``, …) out of it.
-
-    Returns:
-        per prompt-major response: (token ids, finish reason) by :func:`response_token_ids`.
-    """
-    from transformers import DynamicCache, GenerationConfig
-
-    device = model.device
-    n = len(seeds[0])
-    ids, mask = _left_pad(prompts, pad_id)
-    ids, mask = ids.to(device), mask.to(device)
-    cache = DynamicCache()
-    if ids.shape[1] > 1:
-        # Same position ids as generate() derives from the mask, so prefill and decode agree.
-        pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-        model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1],
-              past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache.batch_repeat_interleave(n)
-    gen_cfg = GenerationConfig(max_new_tokens=cfg.max_new_tokens, do_sample=False, num_beams=1,
-                               eos_token_id=stop_ids, pad_token_id=pad_id,
-                               bos_token_id=model.generation_config.bos_token_id)
-    sampler = SeededSampler([s for row in seeds for s in row], cfg.temperature, cfg.top_p, device)
-    out = model.generate(
-        input_ids=ids.repeat_interleave(n, 0),
-        attention_mask=mask.repeat_interleave(n, 0),
-        past_key_values=cache if ids.shape[1] > 1 else None,
-        generation_config=gen_cfg,
-        use_model_defaults=False,
-        logits_processor=[sampler],
-    )
-    new = out[:, ids.shape[1]:].tolist()
-    return [response_token_ids(row, stop_ids) for row in new]
-
-
 def stop_token_ids(tokenizer, model_config=None) -> list[int]:
     """Token ids that end a response: the tokenizer's EOS and the model's ``eos_token_id``(s)."""
     ids = {tokenizer.eos_token_id}
@@ -193,32 +89,40 @@ def generate_transformers(model, tokenizer, prompts: list[tuple[str, str]], cfg:
                           seed: int, progress: bool = True) -> list[Response]:
     """Sample ``cfg.num_responses`` responses per (prompt_id, prompt) with transformers.
 
-    Prompts are grouped by token length (longest first, so an out-of-memory shows at once) into
-    batches of ``max(1, cfg.batch_size // cfg.num_responses)`` prompts, left-padded with an
-    attention mask.
+    Uses the continuous-batching sampler (:func:`rlhf_pipeline.sampler.sample`) with
+    ``cfg.batch_size`` sequences decoding together. Prompts are admitted longest first (ties by
+    prompt_id), a prompt's N responses one after another so they share its prefill. The progress
+    bar advances per finished response and shows generated tokens/s.
 
     Returns:
         one :class:`Response` per (prompt, response_idx), in no particular order.
+
+    Raises:
+        PipelineError: a prompt + ``max_new_tokens`` exceeds the model's context (before sampling).
     """
+    from rlhf_pipeline.sampler import Request, sample
+
     n = cfg.num_responses
     stop_ids = stop_token_ids(tokenizer, model.config)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     encoded = [(pid, prompt_token_ids(tokenizer, text)) for pid, text in prompts]
     encoded.sort(key=lambda e: (-len(e[1]), e[0]))
-    per_batch = max(1, cfg.batch_size // n)
+    keys = [(pid, k) for pid, _ in encoded for k in range(n)]
+    requests = [Request(tuple(ids), response_seed(seed, pid, k)) for pid, ids in encoded for k in range(n)]
     results: list[Response] = []
-    bar = tqdm(total=len(encoded) * n, unit="resp", desc="generate", disable=not progress)
-    for start in range(0, len(encoded), per_batch):
-        batch = encoded[start:start + per_batch]
-        seeds = [[response_seed(seed, pid, k) for k in range(n)] for pid, _ in batch]
-        outs = _sample_batch(model, [ids for _, ids in batch], seeds, cfg, pad_id, stop_ids)
-        for j, (tokens, finish) in enumerate(outs):
-            pid, k = batch[j // n][0], j % n
-            text_tokens = tokens[:-1] if finish == "stop" else tokens
-            results.append(Response(pid, k, tokenizer.decode(text_tokens, skip_special_tokens=True),
-                                    len(tokens), finish, seeds[j // n][k], tokens))
-        bar.update(len(outs))
-        bar.set_postfix(tokens=sum(r.num_tokens for r in results))
+    tokens = 0
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(requests), unit="resp", desc="generate", disable=not progress)
+    for done in sample(model, requests, slots=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
+                       temperature=cfg.temperature, top_p=cfg.top_p, stop_ids=stop_ids, pad_id=pad_id):
+        (pid, k), ids = keys[done.index], done.tokens
+        ids, finish = response_token_ids(ids, stop_ids)
+        text_tokens = ids[:-1] if finish == "stop" else ids
+        results.append(Response(pid, k, tokenizer.decode(text_tokens, skip_special_tokens=True),
+                                len(ids), finish, requests[done.index].seed, ids))
+        tokens += len(ids)
+        bar.update(1)
+        bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f}", refresh=False)
     bar.close()
     return results
 

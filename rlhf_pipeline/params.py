@@ -111,7 +111,8 @@ class SamplingParams(_Section):
     max_new_tokens: Int = Field(256, gt=0, description="tokens")
     temperature: Number = Field(0.8, ge=0, description="0 = greedy decoding")
     top_p: Number = Field(0.9, gt=0, le=1)
-    batch_size: Int = Field(64, gt=0, description="sequences (prompt x response) per forward pass")
+    batch_size: Int = Field(64, gt=0, description="sequences (prompt x response) decoded together: the "
+                                                  "sampler's slots; a finished one's slot takes the next")
     dtype: Dtype = "auto"
     tensor_parallel_size: Int = Field(1, ge=1, description="vllm only")
     gpu_memory_utilization: Number = Field(0.9, gt=0, le=1, description="vllm only")

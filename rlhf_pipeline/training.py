@@ -23,6 +23,7 @@ update count is all the data position needed.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import logging
@@ -254,8 +255,10 @@ def train_policy(model_dir: str | os.PathLike, task, cfg: TrainParams, seed: int
         if on_update is not None and accelerator.is_main_process:
             on_update(row)
         if progress and accelerator.is_main_process:
-            log.info("update %d/%d loss %.4f grad %.3f %s", u + 1, num_updates, row["loss"], row["grad_norm"],
-                     " ".join(f"{k} {row[k]:.3f}" for k in task.metric_names))
+            eta = (time.perf_counter() - t_start) / (u + 1 - done) * (num_updates - u - 1)
+            log.info("update %d/%d loss %.4f grad %.3f %s | %.0f tok/s, eta %s", u + 1, num_updates, row["loss"],
+                     row["grad_norm"], " ".join(f"{k} {row[k]:.3f}" for k in task.metric_names),
+                     row["tokens_per_second"], datetime.timedelta(seconds=round(eta)))
         if (u + 1) % cfg.save_every == 0 and u + 1 < num_updates:
             _save_checkpoint(accelerator, incoming, latest, fingerprint,
                              {"update": u + 1, "rows": rows, "scheduler": scheduler.state_dict()})

@@ -3,11 +3,10 @@ import types
 
 import pytest
 import torch
-from transformers import TopPLogitsWarper
 
 from rlhf_pipeline.chat import prompt_token_ids
 from rlhf_pipeline.schemas import GENERATIONS as GENERATIONS_SCHEMA
-from rlhf_pipeline.generation import (Response, SeededSampler, generate_transformers,
+from rlhf_pipeline.generation import (generate_transformers,
                                       generate_vllm, response_seed, response_token_ids, responses_table)
 from rlhf_pipeline.params import GenerateParams, SamplingParams
 
@@ -20,38 +19,6 @@ def test_response_seed_is_stable_and_distinct():
     assert len(seeds) == 8
     assert response_seed(42, "a", 0) == response_seed(42, "a", 0) != response_seed(43, "a", 0)
     assert all(0 <= s < 2**31 for s in seeds)
-
-
-@pytest.mark.parametrize("top_p", [0.3, 0.9, 1.0])
-def test_nucleus_is_the_set_transformers_keeps(top_p):
-    torch.manual_seed(0)
-    scores = torch.randn(6, 500) * 3
-    sampler = SeededSampler([0] * 6, temperature=0.7, top_p=top_p, device=torch.device("cpu"), first_k=4)
-    top, ids = sampler.nucleus(scores)
-    hf = TopPLogitsWarper(top_p)(None, scores / 0.7)
-    for row in range(6):
-        ours = set(ids[row][top[row] > 0].tolist())
-        assert ours == set(torch.nonzero(hf[row] > float("-inf")).flatten().tolist())
-        probs = torch.softmax(scores[row] / 0.7, -1)
-        torch.testing.assert_close(top[row][top[row] > 0], probs[ids[row][top[row] > 0]])
-
-
-def test_sampler_draws_from_the_tempered_distribution():
-    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
-    target = torch.softmax(logits / 0.8, -1)[0]
-    counts = torch.zeros(4)
-    for s in range(4000):
-        out = SeededSampler([s], 0.8, 1.0, torch.device("cpu"))(None, logits)
-        assert (out == 0).sum() == 1 and torch.isinf(out).sum() == 3
-        counts[out[0].argmax()] += 1
-    torch.testing.assert_close(counts / 4000, target, atol=0.025, rtol=0)
-
-
-def test_sampler_rows_use_their_own_generators():
-    logits = torch.zeros(3, 1000)
-    alone = SeededSampler([7], 1.0, 1.0, torch.device("cpu"))(None, logits[:1]).argmax(-1)
-    batch = SeededSampler([1, 7, 2], 1.0, 1.0, torch.device("cpu"))(None, logits).argmax(-1)
-    assert batch[1] == alone[0]
 
 
 def test_response_token_ids_end_with_eos_only_where_it_was_generated():
@@ -92,25 +59,6 @@ def test_a_response_depends_on_its_seed_not_its_batch(tiny_policy):
     again = {(r.prompt_id, r.response_idx): r.response
              for r in generate_transformers(model, tok, PROMPTS, cfg, seed=5, progress=False)}
     assert again == together
-
-
-def test_shared_prefill_matches_plain_generate(tiny_policy):
-    """With one prompt and no padding, our path equals generate() on N copies with the same sampler."""
-    from transformers import GenerationConfig
-
-    model, tok = tiny_policy
-    cfg = GenerateParams(num_responses=2, max_new_tokens=5, batch_size=2)
-    ours = generate_transformers(model, tok, PROMPTS[:1], cfg, seed=3, progress=False)
-    ids = torch.tensor([prompt_token_ids(tok, PROMPTS[0][1])] * 2)
-    seeds = [response_seed(3, "p-short", k) for k in range(2)]
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), logits_processor=[
-        SeededSampler(seeds, cfg.temperature, cfg.top_p, torch.device("cpu"))],
-        generation_config=GenerationConfig(max_new_tokens=5, do_sample=False, eos_token_id=[2], pad_token_id=2))
-    plain = [out[k, ids.shape[1]:].tolist() for k in range(2)]
-    for r in sorted(ours, key=lambda r: r.response_idx):
-        tokens = plain[r.response_idx]
-        tokens = tokens[: tokens.index(2)] if 2 in tokens else tokens
-        assert r.response == tok.decode(tokens, skip_special_tokens=True)
 
 
 def test_vllm_backend_one_seeded_request_per_response(tiny_model_dir, monkeypatch):

@@ -7,7 +7,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rlhf_pipeline.errors import PipelineError
 from rlhf_pipeline.models import (CPU_GQA_ATTENTION, _drop_quantization, load_policy, load_tokenizer,
                                   prepare_base_model, resolve_dtype, resolve_model_source)
-from rlhf_pipeline.generation import _left_pad
 
 
 def test_alias_resolves_to_the_wheel_gguf_without_importing_it():
@@ -90,7 +89,8 @@ def test_cpu_gqa_attention_matches_transformers_sdpa_with_padding(tiny_model_dir
     ours = load_policy(tiny_model_dir, torch.float32, torch.device("cpu"))
     assert ours.config._attn_implementation == CPU_GQA_ATTENTION
     ref = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
-    ids, mask = _left_pad([[5, 6, 7, 8, 9, 10], [11, 12, 13]], pad_id=2)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [2, 2, 2, 11, 12, 13]])  # left-padded
+    mask = torch.tensor([[1] * 6, [0, 0, 0, 1, 1, 1]])
     with torch.no_grad():
         a = ours(input_ids=ids, attention_mask=mask).logits
         b = ref(input_ids=ids, attention_mask=mask).logits
