@@ -110,7 +110,6 @@ def generate_transformers(model, tokenizer, prompts: list[tuple[str, str]], cfg:
     keys = [(pid, k) for pid, _ in encoded for k in range(n)]
     requests = [Request(tuple(ids), response_seed(seed, pid, k)) for pid, ids in encoded for k in range(n)]
     results: list[Response] = []
-    tokens = 0
     t0 = time.perf_counter()
     bar = tqdm(total=len(requests), unit="resp", desc="generate", disable=not progress)
     for done in sample(model, requests, slots=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
@@ -120,9 +119,8 @@ def generate_transformers(model, tokenizer, prompts: list[tuple[str, str]], cfg:
         text_tokens = ids[:-1] if finish == "stop" else ids
         results.append(Response(pid, k, tokenizer.decode(text_tokens, skip_special_tokens=True),
                                 len(ids), finish, requests[done.index].seed, ids))
-        tokens += len(ids)
         bar.update(1)
-        bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f}", refresh=False)
+        bar.set_postfix(tok_s=f"{done.drawn / max(time.perf_counter() - t0, 1e-9):.0f}", refresh=False)
     bar.close()
     return results
 

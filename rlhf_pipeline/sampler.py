@@ -44,11 +44,14 @@ class Request:
 @dataclass(frozen=True)
 class Completion:
     """A finished sequence: the index of its request, the tokens sampled (the stop token included
-    when drawn), and why it ended: ``"stop"`` or ``"length"`` (``max_new_tokens`` reached)."""
+    when drawn), and why it ended: ``"stop"`` or ``"length"`` (``max_new_tokens`` reached);
+    ``drawn``: tokens drawn so far by all sequences, finished or not (for a rate that does not
+    lag behind the long sequences)."""
 
     index: int
     tokens: list[int]
     finish_reason: str
+    drawn: int
 
 
 def nucleus(probs: torch.Tensor, top_p: float, first_k: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,6 +231,7 @@ def _run(model, cache: SlotCache, requests: Sequence[Request], max_new_tokens: i
     tokens: list[list[int]] = [[] for _ in range(n_slots)]
     generators: list[torch.Generator | None] = [None] * n_slots
     queue = 0  # the next request to admit
+    drawn_total = 0
 
     while True:
         free = [s for s in range(n_slots) if owner[s] is None]
@@ -250,12 +254,13 @@ def _run(model, cache: SlotCache, requests: Sequence[Request], max_new_tokens: i
                                                               (owner, length, next_token, tokens, generators))
             n_slots, live = len(live), list(range(len(live)))
         drawn = _decode_step(model, cache, next_token, length, live, generators, temperature, top_p, device)
+        drawn_total += len(drawn)
         for s, t in zip(live, drawn):
             tokens[s].append(t)
             length[s] += 1
             next_token[s] = t
             if t in stops or len(tokens[s]) >= max_new_tokens:
-                yield Completion(owner[s], tokens[s], "stop" if t in stops else "length")
+                yield Completion(owner[s], tokens[s], "stop" if t in stops else "length", drawn_total)
                 owner[s], generators[s], length[s], next_token[s] = None, None, 0, pad_id
 
 

@@ -96,6 +96,10 @@ def test_sampled_tokens_equal_a_plain_decode_with_the_same_seed(peaked):
         assert got[i][1] == ("stop" if want[-1] == STOP else "length")
         assert len(want) == 12 or want[-1] == STOP
     assert len({tuple(tokens) for tokens, _ in got.values()}) == len(requests)  # sampled, not copies
+    done = list(sample(model, requests, slots=4, max_new_tokens=12, temperature=1.0, top_p=0.5, stop_ids=[STOP],
+                       pad_id=STOP))
+    assert [c.drawn for c in done] == sorted(c.drawn for c in done)  # the running count of drawn tokens
+    assert done[-1].drawn == sum(len(c.tokens) for c in done)
 
 
 def test_greedy_equals_transformers_greedy_generate(tiny_policy):
