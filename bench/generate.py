@@ -36,6 +36,8 @@ from rlhf_pipeline.generation import generate_transformers, stop_token_ids
 from rlhf_pipeline.models import default_device, load_policy, load_tokenizer, prepare_base_model, resolve_dtype
 from rlhf_pipeline.params import GenerateParams
 
+from compute_limit import matmul_gflops  # bench/ is on sys.path when run as a script
+
 
 def baseline(model_dir, prompts, cfg, dtype, seed) -> int:
     """Plain transformers: batches in arrival order, num_return_sequences, do_sample. Returns tokens."""
@@ -60,20 +62,6 @@ def baseline(model_dir, prompts, cfg, dtype, seed) -> int:
             ends = [i for i, t in enumerate(row) if t in stops]
             tokens += ends[0] + 1 if ends else len(row)
     return tokens
-
-
-def matmul_gflops(dtype: torch.dtype) -> float:
-    """Best GFLOP/s of a decode-shaped and a square matmul (2 m n k FLOP each)."""
-    best = 0.0
-    for m, k, n in ((64, 576, 1536), (2048, 2048, 2048)):
-        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-        a @ b
-        reps = max(3, int(2e10 // (2 * m * k * n)))
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t0) / 1e9)
-    return best
 
 
 def busy_loop() -> None:  # pragma: no cover - runs in the competing process

@@ -6,10 +6,12 @@ same batch size, steps and dtype, and include computing the reference log-probs 
 here: the ``ref_logprobs`` code). Throughput counts the same tokens for all three: per pair,
 prompt + chosen and prompt + rejected, for every episode trained.
 
-    pip install -c envs/cpu-constraints.txt 'trl>=0.24,<0.25'   # benchmark-only extra
+    pip install -c envs/cpu-constraints.txt -e '.[bench]'   # TRL 1.x, benchmark-only extra
     python bench/train.py [--pairs 16] [--batch-size 4] [--steps 4]
 
-Prints tokens/s of each and the ratios (goal >= 1.0x TRL; moonshot >= 1.5x).
+Prints tokens/s of each, the ratios (goal >= 1.5x TRL) and each one's fraction of the CPU's fp32
+compute limit (a matmul measured in the same run): 2 x parameters FLOP per reference-pass token
+plus 6 x parameters FLOP per trained token (forward and backward).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import rlhf_pipeline  # noqa: F401  (first: sets the OpenMP wait policy before torch loads OpenMP)
 import torch
 
 from rlhf_pipeline.chat import chat_messages
@@ -29,6 +32,8 @@ from rlhf_pipeline.models import load_policy, load_tokenizer, prepare_base_model
 from rlhf_pipeline.objectives import PairwiseTask, make_objective
 from rlhf_pipeline.params import TrainParams
 from rlhf_pipeline.training import train_policy
+
+from compute_limit import matmul_gflops  # bench/ is on sys.path when run as a script
 
 
 def ours(model_dir, pairs, loss, args, scratch) -> float:
@@ -91,15 +96,21 @@ def main() -> None:
         *(pairs.column(k).to_pylist() for k in ("prompt_ids", "chosen_ids", "rejected_ids"))))
     trained = tokens * args.steps * args.batch_size / pairs.num_rows  # tokens per episode x episodes
     total = tokens + trained  # reference pass over all pairs + training
+    params = sum(p.numel() for p in load_policy(model_dir, torch.float32).parameters())
+    flop = 2 * params * tokens + 6 * params * trained
+    gflops = matmul_gflops(torch.float32)
     print(f"{pairs.num_rows} pairs, batch {args.batch_size}, {args.steps} steps, float32, "
           f"threads={torch.get_num_threads()}, {total:.0f} tokens (reference + training)")
+    print(f"compute limit   : {gflops:.1f} GFLOP/s matmul; this work is {flop / 1e12:.2f} TFLOP "
+          f"(2 x {params / 1e6:.1f} M x reference tokens + 6 x {params / 1e6:.1f} M x trained tokens)")
     results = {}
     for name, fn in [("trl DPOTrainer", lambda: trl_dpo(model_dir, pairs, prompt_text, args, scratch)),
                      ("ours dpo", lambda: ours(model_dir, pairs, "dpo", args, scratch)),
                      ("ours rebel", lambda: ours(model_dir, pairs, "rebel", args, scratch))]:
         seconds = fn()
         results[name] = total / seconds
-        print(f"{name:16s}: {seconds:7.1f} s {results[name]:7.1f} tok/s")
+        print(f"{name:16s}: {seconds:7.1f} s {results[name]:7.1f} tok/s, "
+              f"{flop / seconds / (gflops * 1e9):.2f} of the compute limit")
     for name in ("ours dpo", "ours rebel"):
         print(f"ratio {name} / trl: {results[name] / results['trl DPOTrainer']:.2f}")
 

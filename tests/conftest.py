@@ -36,7 +36,7 @@ def tiny_llama_config(**overrides):
 @pytest.fixture(scope="session")
 def raw_tiny_model_dir(tmp_path_factory) -> Path:
     """A model folder as a user would point ``policy.model`` at: random tiny Llama weights and the
-    SmolLM2 tokenizer exactly as the GGUF gives it (EOS wrongly ``<|im_start|>``, no pad)."""
+    SmolLM2 tokenizer with EOS wrongly ``<|im_start|>`` and no pad, as transformers 4.x read the GGUF."""
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
@@ -46,7 +46,11 @@ def raw_tiny_model_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     LlamaForCausalLM(tiny_llama_config()).save_pretrained(out)
     src = resolve_model_source("smollm2-135m-instruct")
-    AutoTokenizer.from_pretrained(src.name_or_path, gguf_file=src.gguf_file).save_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(src.name_or_path, gguf_file=src.gguf_file)
+    # transformers < 5 read the GGUF's EOS as <|im_start|> and no pad token; 5.x reads <|im_end|>.
+    # Pinned to the older reading, so prepare_base_model's repair is exercised on every version.
+    tokenizer.eos_token, tokenizer.pad_token = "<|im_start|>", None
+    tokenizer.save_pretrained(out)
     return out
 
 

@@ -33,7 +33,7 @@ def test_unreachable_hub_id_is_a_clear_error(tmp_path):
 
 def test_prepared_folder_has_weights_tokenizer_template_and_right_eos(tiny_model_dir, raw_tiny_model_dir):
     raw = AutoTokenizer.from_pretrained(raw_tiny_model_dir)
-    assert raw.eos_token == "<|im_start|>"  # what the GGUF metadata says
+    assert raw.eos_token == "<|im_start|>" and raw.pad_token is None  # the fixture's wrong EOS
     names = {p.name for p in tiny_model_dir.iterdir()}
     assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"} <= names
     tok = load_tokenizer(tiny_model_dir)
