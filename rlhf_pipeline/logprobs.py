@@ -117,8 +117,11 @@ def response_kl(policy, reference, prompts: list[list[int]], responses: list[lis
     return out
 
 
-def check_context_length(lengths: list[int], max_positions: int | None, where: str) -> None:
+def check_context_length(lengths: list[int], max_positions: int | None, where: str,
+                         limit_keys: str = "pairs.max_prompt_tokens / pairs.max_response_tokens") -> None:
     """Fail before any forward pass if a prompt + response exceeds the model's context.
+
+    ``limit_keys``: the params keys that bound the lengths, named in the message.
 
     Raises:
         PipelineError: naming the longest row and the limit.
@@ -128,7 +131,7 @@ def check_context_length(lengths: list[int], max_positions: int | None, where: s
     if max_positions and lengths and max(lengths) > max_positions:
         row = max(range(len(lengths)), key=lengths.__getitem__)
         raise PipelineError(f"{where}: row {row} has {lengths[row]} tokens, more than the model's context "
-                            f"of {max_positions} (lower pairs.max_prompt_tokens / pairs.max_response_tokens)")
+                            f"of {max_positions} (lower {limit_keys})")
 
 
 @torch.no_grad()

@@ -1,8 +1,8 @@
-"""Pairwise policy losses on sequence log-probs: REBEL, DPO, IPO, SimPO.
+"""Policy losses on sequence log-probs: the pairwise REBEL, DPO, IPO, SimPO, and SFT.
 
-Every loss takes per-pair tensors of shape (batch,): summed response log-probs (nats) of the
-chosen (y) and rejected (y') response under the policy πθ and, where used, the reference policy
-π0, plus rewards or lengths. They differ only here; data, batching and optimisation are shared.
+Every loss takes tensors of shape (batch,): summed response log-probs (nats) of the chosen (y) and
+rejected (y') response under the policy πθ and, where used, the reference policy π0, plus rewards
+or lengths (SFT: one demonstrated response per row). They differ only here; data, batching and optimisation are shared.
 """
 
 from __future__ import annotations
@@ -72,3 +72,23 @@ def simpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, chose
     """
     margin = beta * policy_chosen / chosen_tokens - beta * policy_rejected / rejected_tokens - gamma
     return -F.logsigmoid(margin).mean()
+
+
+def sft_loss(response_logprobs: torch.Tensor, response_tokens: torch.Tensor) -> torch.Tensor:
+    """Supervised fine-tuning: the negative log-likelihood of the demonstrated responses, per token.
+
+    Maximum likelihood on demonstrations, the first step of Ouyang et al., "Training language models
+    to follow instructions with human feedback", arXiv 2203.02155, Sec. 3.5 (SFT); the loss is on
+    response tokens only (prompt tokens are context, not targets) and averaged over the micro-batch's
+    tokens, as TRL's ``SFTTrainer`` with ``completion_only_loss``::
+
+        loss = −Σ_i log πθ(y_i | x_i) / Σ_i |y_i|
+
+    Args:
+        response_logprobs: (batch,) summed log-probs of each response, nats.
+        response_tokens: (batch,) response lengths, tokens.
+
+    Returns:
+        scalar loss, nats per token.
+    """
+    return -response_logprobs.sum() / response_tokens.sum()

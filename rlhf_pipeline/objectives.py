@@ -1,12 +1,13 @@
-"""Pairwise objectives for the one training loop (``rlhf_pipeline.training``): REBEL, DPO, IPO, SimPO.
+"""Objectives for the one training loop (``rlhf_pipeline.training``): the pairwise REBEL, DPO, IPO,
+SimPO, and SFT on demonstrations.
 
 An objective turns a micro-batch's sequence log-probs into a scalar loss and its named figures;
 the loss formulas themselves are the pure functions of ``rlhf_pipeline.losses``. Each objective
 has its own params model (``params.RebelObjective`` …, picked by ``train.objective.name``) and is
 registered in :data:`OBJECTIVES` under that name. :class:`PairwiseTask` feeds them: it holds the
 chosen/rejected pairs and their reference log-probs and computes the policy's log-probs of a
-micro-batch. An objective on other data (SFT, a Bradley–Terry reward model) brings its own task
-with the same three members (``lengths``, ``metric_names``, ``forward``) and reuses the loop.
+micro-batch. An objective on other data brings its own task with the same members (``name``,
+``lengths``, ``limit_keys``, ``metric_names``, ``tokens``, ``forward``) and reuses the loop: :class:`SftTask`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from rlhf_pipeline.errors import PipelineError
 from rlhf_pipeline.logprobs import sequence_logprobs
-from rlhf_pipeline.losses import dpo_loss, ipo_loss, rebel_loss, simpo_loss
+from rlhf_pipeline.losses import dpo_loss, ipo_loss, rebel_loss, sft_loss, simpo_loss
 from rlhf_pipeline.params import DpoObjective, IpoObjective, RebelObjective, SimpoObjective
 
 
@@ -161,6 +162,8 @@ class PairwiseTask:
                  where: str):
         check_reference(pairs, ref, where)
         self.objective = objective
+        self.name = objective.cfg.name
+        self.limit_keys = "pairs.max_prompt_tokens / pairs.max_response_tokens"
         self.pad_id, self.temperature = pad_id, temperature
         self.prompts, self.chosen, self.rejected = (pairs.column(c).to_pylist()
                                                     for c in ("prompt_ids", "chosen_ids", "rejected_ids"))
@@ -198,3 +201,42 @@ class PairwiseTask:
             terms = [(b.policy_chosen - b.ref_chosen).mean(), (b.policy_rejected - b.ref_rejected).mean(),
                      *(figures[k] for k in self.objective.metric_names)]
             return loss, torch.stack([t.detach().float() for t in terms])
+
+
+class SftTask:
+    """Demonstrations (prompt and response token ids) for supervised fine-tuning: the loss is
+    :func:`rlhf_pipeline.losses.sft_loss`, the negative log-likelihood per response token; prompt
+    tokens are context only.
+
+    Args:
+        prompt_ids, response_ids: token ids per demonstration (``demonstrations.tokenize``).
+
+    Raises:
+        PipelineError: no demonstrations, or one with an empty prompt or response (row named).
+    """
+
+    name = "sft"
+    limit_keys = "sft.max_tokens"
+    #: figures logged beside the loss: none (the loss is the held-out figure too)
+    metric_names: tuple[str, ...] = ()
+
+    def __init__(self, prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int, where: str):
+        if not prompt_ids:
+            raise PipelineError(f"{where}: no demonstrations")
+        for i, (p, r) in enumerate(zip(prompt_ids, response_ids, strict=True)):
+            if not p or not r:
+                raise PipelineError(f"{where}: row {i} has an empty {'prompt' if not p else 'response'}")
+        self.prompts, self.responses, self.pad_id = prompt_ids, response_ids, pad_id
+        #: tokens per demonstration, prompt + response: for length grouping and the context check
+        self.lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
+
+    def tokens(self, idx: list[int]) -> int:
+        """Tokens one forward pass over these demonstrations processes."""
+        return sum(self.lengths[i] for i in idx)
+
+    def forward(self, model, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """SFT loss on demonstrations ``idx`` (nats per response token) and an empty figures tensor."""
+        logps = sequence_logprobs(model, [self.prompts[i] for i in idx], [self.responses[i] for i in idx],
+                                  self.pad_id, 1.0)
+        n_tokens = torch.tensor([len(self.responses[i]) for i in idx], dtype=torch.float32, device=logps.device)
+        return sft_loss(logps, n_tokens), torch.zeros(0)

