@@ -2,7 +2,8 @@
 
 Every loss takes tensors of shape (batch,): summed response log-probs (nats) of the chosen (y) and
 rejected (y') response under the policy πθ and, where used, the reference policy π0, plus rewards
-or lengths (SFT: one demonstrated response per row). They differ only here; data, batching and optimisation are shared.
+or lengths (SFT: one demonstrated response per row). They differ only here; data, batching and
+optimisation are shared.
 """
 
 from __future__ import annotations

@@ -217,7 +217,7 @@ class SftTask:
 
     name = "sft"
     limit_keys = "sft.max_tokens"
-    #: figures logged beside the loss: none (the loss is the held-out figure too)
+    #: figures logged beside the loss: none (the loss itself is the NLL per response token)
     metric_names: tuple[str, ...] = ()
 
     def __init__(self, prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int, where: str):

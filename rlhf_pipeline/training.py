@@ -1,8 +1,8 @@
 """The one training loop (REBEL recipe, part 4), driven by a task and its objective.
 
 A task (``rlhf_pipeline.objectives.PairwiseTask`` for REBEL, DPO, IPO and SimPO, ``SftTask`` for
-supervised fine-tuning) knows its examples' lengths, its figures' names, and how to compute a micro-batch's loss; everything else is here and
-shared: accelerator, optimizer, schedule, accumulation, clipping, resumable checkpoints, atomic
+supervised fine-tuning) knows its examples' lengths, its figures' names, and how to compute a
+micro-batch's loss; everything else is here and shared: accelerator, optimizer, schedule, accumulation, clipping, resumable checkpoints, atomic
 save, the per-update log. Optimisation follows
 the REBEL reference: AdamW (β1 0.9, β2 0.95, eps 1e-8, weight decay 1e-6), cosine schedule with
 warm-up, gradient clipping, ``batch size = per_device_train_batch_size × gradient_accumulation_steps
