@@ -26,6 +26,8 @@ Qwen2, Mistral without a sliding window, ...): positions are passed per row, the
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -124,7 +126,7 @@ def draw_tokens(logits: torch.Tensor, generators: Sequence[torch.Generator], tem
 class SlotCache:
     """Preallocated keys and values: (slots, kv_heads, max_len, head_dim) per layer.
 
-    Passed to the model as ``past_key_values``; the model calls :meth:`update` once per layer. Before
+    Passed to the model as ``cache`` (``past_key_values`` before transformers 5.24); the model calls :meth:`update` once per layer. Before
     a forward pass the caller sets which slots the batch rows are (:meth:`prefill` or :meth:`decode`).
     """
 
@@ -151,8 +153,12 @@ class SlotCache:
         self._slots, self._columns, self._width = None, columns, width
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
-               cache_kwargs=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store a layer's new keys and values; return those the attention reads."""
+               *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store a layer's new keys and values; return those the attention reads.
+
+        Extra arguments are ignored: transformers passes them positionally (``cache_kwargs``, up to
+        5.23) or as ``kwargs=`` (5.24 on), as its ``Cache.update(..., *args, **kwargs)`` allows.
+        """
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         if self._columns is None:  # prefill: the rows attend to their own prompt only
             q = key_states.shape[2]
@@ -173,6 +179,17 @@ class SlotCache:
         """Keep only ``slots``, renumbered 0.. in that order (packs live rows into a smaller batch)."""
         self.keys = [t.index_select(0, slots) for t in self.keys]
         self.values = [t.index_select(0, slots) for t in self.values]
+
+
+def _cache_argument(model, cache: SlotCache) -> dict:
+    """The keyword the model's forward takes its cache by: transformers 5.24 renamed
+    ``past_key_values`` to ``cache`` (the old name warns, and goes in 5.40)."""
+    return {_cache_keyword(type(model)): cache}
+
+
+@functools.cache
+def _cache_keyword(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
 def _check_model(model, max_len: int) -> None:
@@ -287,8 +304,8 @@ def _admit(model, cache: SlotCache, requests: list[Request], slots: list[int], d
         positions = torch.arange(m, device=device)
         cache.prefill(torch.tensor(group[:1], device=device))
         model(input_ids=torch.tensor([prompt[:-1]], device=device), attention_mask=_additive(causal, model.dtype),
-              position_ids=positions[None], cache_position=positions, past_key_values=cache, use_cache=True,
-              logits_to_keep=1)
+              position_ids=positions[None], cache_position=positions, use_cache=True, logits_to_keep=1,
+              **_cache_argument(model, cache))
         if len(group) > 1:
             cache.copy(torch.tensor(group[:1] * (len(group) - 1), device=device),
                        torch.tensor(group[1:], device=device), m)
@@ -303,8 +320,8 @@ def _decode_step(model, cache: SlotCache, next_token: list[int], length: list[in
     cache.decode(columns, width)
     logits = model(input_ids=torch.tensor(next_token, device=device)[:, None],
                    attention_mask=_additive(mask, model.dtype),
-                   position_ids=columns[:, None], cache_position=columns[:1], past_key_values=cache,
-                   use_cache=True, logits_to_keep=1).logits[:, -1]  # (slots, vocab)
+                   position_ids=columns[:, None], cache_position=columns[:1], use_cache=True,
+                   logits_to_keep=1, **_cache_argument(model, cache)).logits[:, -1]  # (slots, vocab)
     if len(live) < logits.shape[0]:
         logits = logits[torch.tensor(live, device=device)]
     return draw_tokens(logits, [generators[s] for s in live], temperature, top_p).tolist()
