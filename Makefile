@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # Stage commands run `python`; put the project's environment first on PATH.
 RUN    := PATH="$(BIN):$$PATH" HF_HUB_DISABLE_TELEMETRY=1
 
-.PHONY: venv repro test check-repro check-repro-ci bench clean-venv
+.PHONY: venv repro repro-classic test check-repro check-repro-ci bench clean-venv
 
 venv: $(STAMP)
 
@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml envs/cpu-constraints.txt envs/no-deps.txt
 
 repro: venv
 	$(RUN) dvc repro
+
+# The classic variant (classic/dvc.yaml: SFT, its evaluation), and what it reads of the default DAG.
+repro-classic: venv
+	$(RUN) dvc repro classic/dvc.yaml
 
 test: venv
 	$(RUN) HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python -m pytest -q -n auto --dist loadfile --durations=15

@@ -199,40 +199,58 @@ def load_file(path: str | Path, prompt_field: str, sources_dir: str | Path | Non
     return PromptSet(str(p), [check_text(v, f"{p}: row {i}", prompt_field) for i, v in enumerate(values)])
 
 
-def load_hf_dataset(cfg: DataParams, sources_dir: str | Path | None = None) -> PromptSet:
-    """Prompts from :func:`datasets.load_dataset` (a Hub id, a local folder or a builder name with
-    ``data_files``), e.g. ``allenai/ultrafeedback_binarized_cleaned_train``, split ``train``.
+def open_hf_dataset(dataset: str, config_name: str | None, split: str, data_files: str | list[str] | None,
+                    section: str, sources_dir: str | Path | None = None):
+    """:func:`datasets.load_dataset` of a Hub id, a local folder or a builder name with ``data_files``,
+    e.g. ``allenai/ultrafeedback_binarized_cleaned_train``, split ``train``.
 
     Local data (a dataset folder, or ``data_files`` that are not URLs) must lie under
-    ``sources_dir`` when it is given (the stage gives ``data/sources/``, which DVC tracks). A Hub dataset is not a file DVC can hash: its fingerprint
-    (``datasets``' hash of the resolved data files and revision) goes into the prompts metrics
-    (``facts``), so a change upstream shows in ``dvc metrics diff``.
+    ``sources_dir`` when it is given (the stage gives ``data/sources/``, which DVC tracks). A Hub
+    dataset is not a file DVC can hash: its fingerprint (``datasets``' hash of the resolved data
+    files and revision) is returned in ``facts`` for the stage's metrics, so a change upstream shows
+    in ``dvc metrics diff``.
+
+    Returns:
+        (the ``datasets.Dataset``, a label for error messages, facts for the metrics).
 
     Raises:
-        PipelineError: local data outside ``data/sources/``, the dataset cannot be loaded, or a row's
-            prompt is missing, empty or not a string (row named).
+        PipelineError: naming ``<section>.dataset`` or ``<section>.data_files``: local data outside
+            ``sources_dir``, a dataset that cannot be loaded, or one with no rows.
     """
     import datasets  # heavy import, only on this path
 
     if sources_dir is not None:
-        if cfg.dataset.startswith((".", "/", "~")) or Path(cfg.dataset).exists():
-            inside_sources(cfg.dataset, "data.dataset", sources_dir)
-        for f in [cfg.data_files] if isinstance(cfg.data_files, str) else list(cfg.data_files or []):
+        if dataset.startswith((".", "/", "~")) or Path(dataset).exists():
+            inside_sources(dataset, f"{section}.dataset", sources_dir)
+        for f in [data_files] if isinstance(data_files, str) else list(data_files or []):
             if "://" not in f:
-                inside_sources(f, "data.data_files", sources_dir)
-    where = f"dataset {cfg.dataset!r} split {cfg.split!r}"
+                inside_sources(f, f"{section}.data_files", sources_dir)
+    where = f"dataset {dataset!r} split {split!r}"
     try:
-        ds = datasets.load_dataset(cfg.dataset, name=cfg.config_name, split=cfg.split, data_files=cfg.data_files)
+        ds = datasets.load_dataset(dataset, name=config_name, split=split, data_files=data_files)
     except Exception as exc:  # datasets raises many types (FileNotFoundError, ConnectionError, ValueError)
-        raise PipelineError(f"data.dataset: cannot load {where}: {type(exc).__name__}: {exc}") from None
+        raise PipelineError(f"{section}.dataset: cannot load {where}: {type(exc).__name__}: {exc}") from None
     if len(ds) == 0:
         raise PipelineError(f"{where}: no rows")
-    if cfg.prompt_field not in ds.column_names:
-        raise PipelineError(f"{where}: no column {cfg.prompt_field!r} (has {ds.column_names})")
-    values = ds[cfg.prompt_field]
     facts = {"dataset_fingerprint": ds._fingerprint, "dataset_rows": len(ds)}
     if getattr(ds.info, "version", None) is not None:
         facts["dataset_version"] = str(ds.info.version)
+    return ds, where, facts
+
+
+def load_hf_dataset(cfg: DataParams, sources_dir: str | Path | None = None) -> PromptSet:
+    """Prompts from :func:`open_hf_dataset` (``data.dataset``, ``data.config_name``, ``data.split``,
+    ``data.data_files``), the column ``data.prompt_field``; the dataset's fingerprint goes into the
+    prompts metrics (``facts``).
+
+    Raises:
+        PipelineError: see :func:`open_hf_dataset`; or a row's prompt is missing, empty or not a
+            string (row named).
+    """
+    ds, where, facts = open_hf_dataset(cfg.dataset, cfg.config_name, cfg.split, cfg.data_files, "data", sources_dir)
+    if cfg.prompt_field not in ds.column_names:
+        raise PipelineError(f"{where}: no column {cfg.prompt_field!r} (has {ds.column_names})")
+    values = ds[cfg.prompt_field]
     return PromptSet(where, [check_text(v, f"{where}: row {i}", cfg.prompt_field) for i, v in enumerate(values)],
                      facts=facts)
 

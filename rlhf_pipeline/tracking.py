@@ -252,14 +252,14 @@ class LiveRun:
             goes on, and its log is in ``metrics/train_log.tsv`` and the ``report`` run.
     """
 
-    def __init__(self, params: dict[str, Any], root: Path | None = None):
+    def __init__(self, params: dict[str, Any], root: Path | None = None, stage: str = "train"):
         root = root or project_root()
         self.uri = tracking_uri(root)[0]
         self.failed = False
         with server_errors(self.uri):
             self.client, experiment_id = _client_and_experiment(root)
-            tags = {**run_tags(root), "rlhf.stage": "train-live"}
-            name = f"{tags.get('dvc_exp_name') or 'repro-' + tags['git_commit'][:8]}-train-live"
+            tags = {**run_tags(root), "rlhf.stage": f"{stage}-live"}
+            name = f"{tags.get('dvc_exp_name') or 'repro-' + tags['git_commit'][:8]}-{stage}-live"
             self.run_id = self.client.create_run(experiment_id, run_name=name).info.run_id
             _log_in_batches(self.client, self.run_id, flatten(params), [], tags)
 
@@ -286,3 +286,23 @@ class LiveRun:
 
     def finish(self, ok: bool = True) -> None:
         self._call(self.client.set_terminated, self.run_id, "FINISHED" if ok else "FAILED")
+
+
+@contextlib.contextmanager
+def live_run(enabled: bool, params: dict[str, Any], stage: str):
+    """A :class:`LiveRun` for a training stage when ``enabled`` (its ``mlflow_live`` key, on the main
+    process), else None; the run ends FINISHED, or FAILED when the stage raises.
+
+    Raises:
+        PipelineError: see :class:`LiveRun` (before training starts).
+    """
+    if not enabled:
+        yield None
+        return
+    live = LiveRun(params, stage=stage)
+    try:
+        yield live
+    except BaseException:
+        live.finish(ok=False)
+        raise
+    live.finish()

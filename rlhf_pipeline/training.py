@@ -75,17 +75,21 @@ def episode_order(num_pairs: int, total_episodes: int, seed: int) -> list[int]:
     return order[:total_episodes]
 
 
-def inputs_fingerprint(files: list[Path], cfg: OptimizerParams, seed: int, temperature: float) -> str:
+def inputs_fingerprint(files: list[Path], cfg: OptimizerParams, seed: int, temperature: float,
+                       data: bytes = b"") -> str:
     """SHA-256 of the training inputs and settings; a checkpoint is resumed only if it matches.
 
-    The settings are the ``train.*`` keys the stage declares in dvc.yaml (not ``logprob_batch_size``,
-    read by ``ref_logprobs`` only, nor ``mlflow_live``, which changes no weight) and the log-prob
-    temperature they resolve to.
+    The settings are the keys the stage declares in dvc.yaml (not ``logprob_batch_size``, read by
+    ``ref_logprobs`` only, nor ``mlflow_live`` or ``per_device_eval_batch_size``, which change no
+    weight) and the log-prob temperature they resolve to. ``data``: inputs that are not files (the
+    tokenized demonstrations of ``sft``).
     """
     settings = cfg.model_dump(exclude={"mlflow_live", "logprob_batch_size", "allow_temperature_mismatch",
-                                       "reference"})  # the reference is in the log-prob file
+                                       "reference",  # the reference is in the log-prob file
+                                       "per_device_eval_batch_size"})
     h = hashlib.sha256(json.dumps({"train": settings, "seed": seed, "temperature": temperature},
                                   sort_keys=True).encode())
+    h.update(data)
     for f in files:
         with open(f, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 24), b""):
@@ -139,7 +143,8 @@ def _check_finite(update: int, loss: float, grad_norm: float) -> None:
 def train_policy(model_dir: str | os.PathLike, task, cfg: OptimizerParams, seed: int,
                  out_dir: str | os.PathLike, checkpoint_dir: str | os.PathLike, fingerprint: str,
                  progress: bool = True, on_update: Callable[[dict], None] | None = None,
-                 where: str = "the training data") -> tuple[list[dict], dict]:
+                 where: str = "the training data",
+                 evaluate: Callable[[torch.nn.Module], dict] | None = None) -> tuple[list[dict], dict]:
     """Train the policy from ``model_dir`` on ``task`` and save it to ``out_dir``.
 
     ``task`` has ``name`` (the objective's), ``lengths`` (tokens per example), ``limit_keys`` (the
@@ -150,15 +155,17 @@ def train_policy(model_dir: str | os.PathLike, task, cfg: OptimizerParams, seed:
     Resumes from ``checkpoint_dir`` when it holds a checkpoint with the same ``fingerprint``
     (same inputs and settings), and ends with the weights an uninterrupted run would have.
     ``on_update`` receives each update's log row on the main process (live MLflow metrics).
-    ``where`` labels the inputs in error messages.
+    ``where`` labels the inputs in error messages. ``evaluate`` receives the trained policy in eval
+    mode on the main process, before it is saved, and returns figures for the summary (the SFT
+    held-out loss); not under DeepSpeed ZeRO-3, whose main process holds only a shard.
 
     Returns:
         (one dict per update with :func:`train_log_columns`, summary for the metrics file).
 
     Raises:
         PipelineError: a sequence longer than the model's context, fewer episodes than one batch,
-            a checkpoint that cannot be loaded safely, or a non-finite loss or gradient norm
-            (before that update's optimizer step; nothing saved).
+            ``evaluate`` under DeepSpeed, a checkpoint that cannot be loaded safely, or a non-finite
+            loss or gradient norm (before that update's optimizer step; nothing saved).
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -172,6 +179,9 @@ def train_policy(model_dir: str | os.PathLike, task, cfg: OptimizerParams, seed:
     accelerator = Accelerator(cpu=use_cpu(),
                               mixed_precision="bf16" if dtype == torch.bfloat16 else "no",
                               gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+    if accelerator.state.deepspeed_plugin is not None and evaluate is not None:
+        raise PipelineError(f"{task.name}: the evaluation after training needs the whole policy on the main "
+                            "process; DeepSpeed ZeRO-3 shards it (launch without the DeepSpeed config)")
     if accelerator.state.deepspeed_plugin is not None:  # no dataloader is prepared: tell DeepSpeed
         ds = accelerator.state.deepspeed_plugin.deepspeed_config
         ds["train_micro_batch_size_per_gpu"] = cfg.per_device_train_batch_size
@@ -268,8 +278,11 @@ def train_policy(model_dir: str | os.PathLike, task, cfg: OptimizerParams, seed:
 
     accelerator.wait_for_everyone()
     weights = accelerator.get_state_dict(model)  # every process: ZeRO-3 gathers the shards here
+    figures = {}
     if accelerator.is_main_process:
         policy = accelerator.unwrap_model(model)
+        if evaluate is not None:
+            figures = evaluate(policy.eval())
         if cfg.gradient_checkpointing:
             policy.config.use_cache = True
         with atomic_dir(out_dir) as tmp:
@@ -278,7 +291,7 @@ def train_policy(model_dir: str | os.PathLike, task, cfg: OptimizerParams, seed:
         shutil.rmtree(ckpt, ignore_errors=True)
     seconds = time.perf_counter() - t_start
     summary = {"examples": num_examples, "updates": num_updates, "episodes": num_updates * batch, "batch_size": batch,
-               "world_size": world, "objective": task.name, "final_loss": rows[-1]["loss"],
+               "world_size": world, "objective": task.name, "final_loss": rows[-1]["loss"], **figures,
                **{f"final_{k}": rows[-1][k] for k in task.metric_names}, "resumed_from_update": resumed_from,
                "seconds": round(seconds, 3), "dtype": str(dtype).removeprefix("torch."),
                "tokens_per_second": round(sum(r["tokens_per_second"] * r["seconds"] for r in rows[resumed_from:])

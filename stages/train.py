@@ -16,6 +16,7 @@ from rlhf_pipeline.objectives import PairwiseTask, make_objective
 from rlhf_pipeline.outputs import output_group, read_parquet, write_json, write_tsv
 from rlhf_pipeline.params import load_params
 from rlhf_pipeline.schemas import PAIRS, REF_LOGPROBS, columns
+from rlhf_pipeline.tracking import live_run
 from rlhf_pipeline.training import inputs_fingerprint, is_main_process, train_log_columns, train_policy
 
 
@@ -33,14 +34,10 @@ def main(argv=None) -> None:
     inputs = [Path(args.pairs), Path(args.ref_logprobs), Path(args.policy) / "model.safetensors"]
     fingerprint = inputs_fingerprint(inputs, params.train, seed, temperature)
     main_process = is_main_process()
-    live = None
-    if params.train.mlflow_live and main_process:  # before training: an unreachable server fails here
-        from rlhf_pipeline.tracking import LiveRun
-
-        live = LiveRun({"seed": params.seed, "iteration": args.iteration,
-                        "train": params.train.model_dump(
-                            exclude={"logprob_batch_size", "reference", "allow_temperature_mismatch"})})
-    try:
+    train_keys = params.train.model_dump(exclude={"logprob_batch_size", "reference", "allow_temperature_mismatch"})
+    # Opened before training: an unreachable tracking server fails here, not after the work.
+    with live_run(params.train.mlflow_live and main_process,
+                  {"seed": params.seed, "iteration": args.iteration, "train": train_keys}, "train") as live:
         with output_group():  # the policy, its log and its metrics appear together
             rows, summary = train_policy(args.policy, task, params.train, seed, out,
                                          out.parent / ".checkpoints" / out.name, fingerprint,
@@ -49,12 +46,6 @@ def main(argv=None) -> None:
                 write_tsv(rows, train_log_columns(task), args.log)
                 write_json({"iteration": args.iteration, **summary, "temperature": temperature,
                             "peak_rss_mb": peak_rss_mb()}, args.metrics)
-    except BaseException:
-        if live:
-            live.finish(ok=False)
-        raise
-    if live:
-        live.finish()
 
 
 if __name__ == "__main__":

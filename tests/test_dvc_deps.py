@@ -13,6 +13,7 @@ read (see ``test_params_read_match_dvc_yaml`` in tests/test_pipeline_dvc.py).
 from __future__ import annotations
 
 import ast
+import os
 import re
 from pathlib import Path
 
@@ -20,15 +21,18 @@ import pytest
 from conftest import REPO
 
 PACKAGES = ("rlhf_pipeline", "stages")
-#: Where a stage's command line names project data (``dvc.lock`` is DVC's own file, not a dep).
-DATA = ("data/", "models", "metrics")
+#: Where a stage's command line names project data (``dvc.lock`` is DVC's own file, not a dep); the
+#: classic variant (classic/dvc.yaml) writes under classic/.
+DATA = ("data/", "models", "metrics", "classic/")
 
 
 def resolved_stages(project: Path = REPO) -> dict[str, dict]:
-    """``{stage name: {cmd, deps, outs, params}}`` of DVC's resolved pipeline (``generate@iter_1`` …).
+    """``{stage name: {cmd, deps, outs, params, file}}`` of DVC's resolved pipelines
+    (``generate@iter_1`` …): ./dvc.yaml's and classic/dvc.yaml's.
 
-    ``deps`` and ``outs`` are sets of paths; ``params`` is the list of params.yaml keys (a key of
-    ``None`` means the whole file).
+    ``deps`` and ``outs`` are sets of paths relative to the repository (every stage runs there);
+    ``params`` is the list of params.yaml keys (a key of ``None`` means the whole file); ``file`` is
+    the stage's dvc.yaml.
     """
     from dvc.repo import Repo
 
@@ -41,8 +45,9 @@ def resolved_stages(project: Path = REPO) -> dict[str, dict]:
                     params.extend(dep.params or [None])
                 else:
                     deps.add(dep.def_path)
+            assert stage.name not in out, f"two stages named {stage.name}"
             out[stage.name] = {"cmd": stage.cmd, "deps": deps, "outs": {o.def_path for o in stage.outs},
-                               "params": params}
+                               "params": params, "file": os.path.relpath(stage.path, project)}
     return out
 
 
@@ -178,6 +183,7 @@ OTHER_PATHS = {
     "prepare_prompts": {"data.path", "data.dataset", "data.config_name", "data.data_files", "data.split",
                         "data.prompt_field"},
     "generate": {"generate.tensor_parallel_size", "generate.gpu_memory_utilization"},
+    "sft": {"sft.path", "sft.dataset", "sft.config_name", "sft.data_files", "sft.split"},
 }
 
 

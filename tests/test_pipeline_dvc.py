@@ -356,3 +356,36 @@ def test_bad_params_fail_before_any_output(project):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("error: params.yaml: generate.top_p:")
     assert "Traceback" not in proc.stderr
+
+
+def test_classic_variant_runs_sft_and_its_evaluation_apart_from_the_default(tiny_project, tmp_path):
+    """`dvc repro classic/dvc.yaml` runs SFT and the SFT policy's evaluation on the default DAG's
+    outputs (up to date, so not rerun); reruns are stale-only and byte-identical, and the default
+    pipeline's status is untouched."""
+    project = copy_project(tiny_project, tmp_path / "proj")
+    sft, evaluate = "classic/dvc.yaml:sft", "classic/dvc.yaml:evaluate_sft"
+    assert ran(run_dvc(project, "repro", "classic/dvc.yaml").stdout) == {sft, evaluate}
+    metrics = json.loads((project / "classic/metrics/sft.json").read_text())
+    assert (metrics["train_demonstrations"], metrics["val_demonstrations"], metrics["updates"]) == (16, 4, 8)
+    assert metrics["objective"] == "sft" and metrics["val_loss_after"] < metrics["val_loss_before"]
+    log = (project / "classic/metrics/train_log/sft.tsv").read_text().splitlines()
+    assert len(log) == 1 + 8
+    evaluation = json.loads((project / "classic/metrics/eval/sft.json").read_text())
+    assert evaluation["policy"] == "classic/models/sft" and evaluation["split"] == "val"
+    assert not (project / "classic/models/.checkpoints/sft").exists()
+
+    def classic_md5s():
+        lock = yaml.safe_load((project / "classic/dvc.lock").read_text())
+        return {o["path"]: o["md5"] for st in lock["stages"].values() for o in st["outs"]
+                if not o["path"].startswith("classic/metrics/")}
+
+    before = classic_md5s()
+    assert not ran(run_dvc(project, "repro", "classic/dvc.yaml").stdout)
+    assert ran(run_dvc(project, "repro", "--force", "--single-item", sft).stdout) == {sft}
+    assert classic_md5s() == before  # byte-identical rerun
+    assert json.loads(run_dvc(project, "status", "--json", "dvc.yaml").stdout) == {}
+    set_param(project, "sft", "learning_rate", 5e-4)
+    assert ran(run_dvc(project, "repro", "classic/dvc.yaml").stdout) == {sft, evaluate}
+    assert classic_md5s()["classic/models/sft"] != before["classic/models/sft"]
+    # of the default pipeline only report, which logs every key of params.yaml to MLflow, is stale
+    assert set(json.loads(run_dvc(project, "status", "--json", "dvc.yaml").stdout)) == {"report"}

