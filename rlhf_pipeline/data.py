@@ -110,6 +110,53 @@ def read_jsonl_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
     return records
 
 
+def read_records(path: str | Path, key: str, sources_dir: str | Path | None = None) -> list[tuple[str, dict[str, Any]]]:
+    """(where, record) of every record of a ``.json`` (a list of objects), ``.jsonl`` or ``.parquet``
+    file, ``where`` naming file and row (line for JSON Lines). ``key`` is the params key that named
+    the file (``sft.path`` …); the file must lie under ``sources_dir`` when it is given.
+
+    Raises:
+        PipelineError: a missing or unsupported file, one outside ``sources_dir``, invalid JSON or
+            UTF-8, or a JSON file that is not a list of objects.
+    """
+    p = inside_sources(path, key, sources_dir) if sources_dir is not None else Path(path)
+    if not p.is_file():
+        raise PipelineError(f"{key}: {path} does not exist")
+    if p.suffix == ".jsonl":
+        return [(f"{p}:{line}", rec) for line, rec in read_jsonl_records(p)]
+    if p.suffix == ".json":
+        try:
+            rows = json.loads(p.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise PipelineError(f"{p}: invalid JSON ({exc})") from None
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise PipelineError(f"{p}: expected a JSON list of records")
+        return [(f"{p}: row {i}", rec) for i, rec in enumerate(rows)]
+    if p.suffix == ".parquet":
+        return [(f"{p}: row {i}", rec) for i, rec in enumerate(pq.read_table(p).to_pylist())]
+    raise PipelineError(f"{key}: {path} must be .json, .jsonl or .parquet")
+
+
+def draw_held_out(keys: Iterable[str], num: int | None, val_size: int, seed: int, *, num_key: str, val_key: str,
+                  what: str) -> tuple[list[str], list[str]]:
+    """Draw ``num`` of ``keys`` (all if None) with a seeded permutation of the sorted keys and hold
+    out the first ``val_size`` of the draw: (train keys, held-out keys), each sorted. Content keys
+    (hashes) make the draw independent of the source's row order.
+
+    Raises:
+        PipelineError: naming ``num_key`` when fewer than ``num`` keys exist (``what`` says which
+            and why), or ``val_key`` when no training key is left.
+    """
+    ordered = sorted(keys)
+    n = len(ordered) if num is None else num
+    if n > len(ordered):
+        raise PipelineError(f"{num_key}: {n} requested but {what}: {len(ordered)}")
+    if val_size >= n:
+        raise PipelineError(f"{val_key}: {val_size} leaves nothing to train on out of {n}")
+    order = np.random.default_rng(seed).permutation(len(ordered))[:n]
+    return sorted(ordered[i] for i in order[val_size:]), sorted(ordered[i] for i in order[:val_size])
+
+
 def _prompts_from_records(
     records: Iterable[tuple[str, dict[str, Any]]], field_name: str
 ) -> list[str]:

@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-import numpy as np
-
-from rlhf_pipeline.data import check_text, inside_sources, open_hf_dataset, package_dir, read_jsonl_records
+from rlhf_pipeline.chat import chat_token_ids
+from rlhf_pipeline.data import check_text, draw_held_out, open_hf_dataset, package_dir, read_records
 from rlhf_pipeline.errors import PipelineError
 from rlhf_pipeline.params import SftParams
 
@@ -28,6 +27,23 @@ ALPACA_EVAL_DATA = Path("tasks/alpaca_eval/data/alpaca_eval_gpt4_baseline.json")
 
 #: Roles a chat record may use (the chat-template roles of transformers).
 ROLES = ("system", "user", "assistant")
+
+
+def chat_turns(value: Any, where: str, name: str) -> list[dict[str, str]]:
+    """``value`` checked as chat messages: a non-empty list of ``{role, content}`` turns, each role
+    one of :data:`ROLES` and each content a non-blank text.
+
+    Raises:
+        PipelineError: naming ``where`` and the field (``name[i]``).
+    """
+    if not isinstance(value, list) or not value:
+        raise PipelineError(f"{where}: field {name!r} must be a non-empty list of {{role, content}} turns")
+    messages = []
+    for i, turn in enumerate(value):
+        if not isinstance(turn, dict) or turn.get("role") not in ROLES:
+            raise PipelineError(f"{where}: {name}[{i}] must be {{role, content}} with role one of {ROLES}")
+        messages.append({"role": turn["role"], "content": check_text(turn.get("content"), where, f"{name}[{i}].content")})
+    return messages
 
 
 def to_messages(record: dict[str, Any], where: str) -> list[dict[str, str]]:
@@ -42,15 +58,7 @@ def to_messages(record: dict[str, Any], where: str) -> list[dict[str, str]]:
             role, or a conversation that does not end with a non-empty assistant turn.
     """
     if "messages" in record:
-        turns = record["messages"]
-        if not isinstance(turns, list) or not turns:
-            raise PipelineError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} turns")
-        messages = []
-        for i, turn in enumerate(turns):
-            if not isinstance(turn, dict) or turn.get("role") not in ROLES:
-                raise PipelineError(f"{where}: messages[{i}] must be {{role, content}} with role one of {ROLES}")
-            content = check_text(turn.get("content"), where, f"messages[{i}].content")
-            messages.append({"role": turn["role"], "content": content})
+        messages = chat_turns(record["messages"], where, "messages")
         if messages[-1]["role"] != "assistant" or not any(m["role"] == "user" for m in messages):
             raise PipelineError(f"{where}: a demonstration needs a user turn and ends with the assistant's")
         return messages
@@ -96,24 +104,7 @@ def load_file(path: str | Path, sources_dir: str | Path | None = None) -> list[l
         PipelineError: a missing or unsupported file, a path outside ``sources_dir``, or a bad record
             (file and row named).
     """
-    p = inside_sources(path, "sft.path", sources_dir) if sources_dir is not None else Path(path)
-    if not p.is_file():
-        raise PipelineError(f"sft.path: {path} does not exist")
-    if p.suffix == ".jsonl":
-        return conversations((f"{p}:{line}", rec) for line, rec in read_jsonl_records(p))
-    if p.suffix == ".json":
-        try:
-            rows = json.loads(p.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise PipelineError(f"{p}: invalid JSON ({exc})") from None
-        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-            raise PipelineError(f"{p}: expected a JSON list of records")
-        return conversations((f"{p}: row {i}", rec) for i, rec in enumerate(rows))
-    if p.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return conversations((f"{p}: row {i}", rec) for i, rec in enumerate(pq.read_table(p).to_pylist()))
-    raise PipelineError(f"sft.path: {path} must be .json, .jsonl or .parquet")
+    return conversations(read_records(path, "sft.path", sources_dir))
 
 
 def tokenize(tokenizer, messages: list[dict[str, str]], where: str) -> tuple[list[int], list[int]]:
@@ -127,12 +118,8 @@ def tokenize(tokenizer, messages: list[dict[str, str]], where: str) -> tuple[lis
         PipelineError: the template does not render the conversation as prompt + continuation, or the
             response has no token or no EOS.
     """
-    def ids(**kw):
-        out = tokenizer.apply_chat_template(kw.pop("conversation"), tokenize=True, **kw)
-        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "input_ids") else out)
-
-    prompt = ids(conversation=messages[:-1], add_generation_prompt=True)
-    full = ids(conversation=messages)
+    prompt = chat_token_ids(tokenizer, messages[:-1], add_generation_prompt=True)
+    full = chat_token_ids(tokenizer, messages)
     if full[:len(prompt)] != prompt:
         raise PipelineError(f"{where}: the chat template does not render the conversation as its prompt followed "
                             "by the response")
@@ -209,23 +196,15 @@ def split_demonstrations(tokenizer, convs: list[list[dict[str, str]]], cfg: SftP
             too_long += 1
             continue
         keyed.setdefault(hashlib.sha256(json.dumps([prompt, response]).encode()).hexdigest(), (prompt, response))
-    available = len(keyed)
-    n = available if cfg.num_demonstrations is None else cfg.num_demonstrations
-    if n > available:
-        raise PipelineError(f"sft.num_demonstrations: {n} requested but {where} has {available} distinct "
-                            f"demonstrations within sft.max_tokens={cfg.max_tokens} ({too_long} longer)")
-    if cfg.val_size >= n:
-        raise PipelineError(f"sft.val_size: {cfg.val_size} leaves no training demonstration out of {n}")
-    keys = sorted(keyed)
-    order = np.random.default_rng(seed).permutation(len(keys))[:n]
-    val_keys = sorted(keys[i] for i in order[:cfg.val_size])
-    train_keys = sorted(keys[i] for i in order[cfg.val_size:])
+    train_keys, val_keys = draw_held_out(
+        keyed, cfg.num_demonstrations, cfg.val_size, seed, num_key="sft.num_demonstrations", val_key="sft.val_size",
+        what=f"distinct demonstrations of {where} within sft.max_tokens={cfg.max_tokens} ({too_long} longer)")
 
     def columns(selected):
         return [keyed[k][0] for k in selected], [keyed[k][1] for k in selected]
 
     counts = {"source_rows": len(convs), "dropped_too_long": too_long,
-              "duplicates_dropped": len(convs) - too_long - available, "train_demonstrations": len(train_keys),
+              "duplicates_dropped": len(convs) - too_long - len(keyed), "train_demonstrations": len(train_keys),
               "val_demonstrations": len(val_keys),
               "train_response_tokens": sum(len(r) for r in columns(train_keys)[1])}
     return DemonstrationSplit(columns(train_keys), columns(val_keys), counts)

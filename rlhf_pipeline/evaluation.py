@@ -19,6 +19,7 @@ import pyarrow as pa
 import torch
 
 from rlhf_pipeline.errors import PipelineError
+from rlhf_pipeline.intervals import bootstrap_mean_ci
 from rlhf_pipeline.params import EvaluateParams, GenerateParams, SamplingParams
 from rlhf_pipeline.rewards import Scorers
 
@@ -26,30 +27,6 @@ log = logging.getLogger(__name__)
 
 POLICIES = ("base", "trained")
 _KEYS = ("prompt_id", "response_idx")
-
-
-def bootstrap_mean_ci(values: np.ndarray, samples: int, confidence: float, seed: int) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean (Efron & Tibshirani 1993, ch. 13).
-
-    Args:
-        values: (prompts,) one value per test prompt; prompts are resampled with replacement.
-        samples: number of resamples. confidence: e.g. 0.95. seed: seeds numpy's PCG64, so the
-            interval is a function of its inputs.
-
-    Returns:
-        (low, high), which contain the sample mean whenever ``samples`` is not tiny.
-
-    Raises:
-        PipelineError: ``values`` is empty.
-    """
-    values = np.asarray(values, dtype=np.float64)
-    if values.size == 0:
-        raise PipelineError("bootstrap over no prompts: the test set is empty")
-    rng = np.random.Generator(np.random.PCG64(seed))
-    means = values[rng.integers(0, values.size, size=(samples, values.size))].mean(axis=1)
-    alpha = (1.0 - confidence) / 2
-    low, high = np.quantile(means, [alpha, 1 - alpha])
-    return float(low), float(high)
 
 
 def paired_comparison(base: np.ndarray, trained: np.ndarray, samples: int, confidence: float, seed: int) -> dict:

@@ -1,9 +1,10 @@
-"""Policy losses on sequence log-probs: the pairwise REBEL, DPO, IPO, SimPO, and SFT.
+"""Losses of the one training loop: the pairwise REBEL, DPO, IPO, SimPO, SFT, and the
+Bradley–Terry loss of a reward model.
 
 Every loss takes tensors of shape (batch,): summed response log-probs (nats) of the chosen (y) and
 rejected (y') response under the policy πθ and, where used, the reference policy π0, plus rewards
-or lengths (SFT: one demonstrated response per row). They differ only here; data, batching and
-optimisation are shared.
+or lengths (SFT: one demonstrated response per row; Bradley–Terry: the reward model's scalar for
+each side). They differ only here; data, batching and optimisation are shared.
 """
 
 from __future__ import annotations
@@ -93,3 +94,31 @@ def sft_loss(response_logprobs: torch.Tensor, response_tokens: torch.Tensor) -> 
         scalar loss, nats per token.
     """
     return -response_logprobs.sum() / response_tokens.sum()
+
+
+def bradley_terry_loss(reward_chosen: torch.Tensor, reward_rejected: torch.Tensor,
+                       margin: torch.Tensor | None = None, center_coefficient: float | None = None) -> torch.Tensor:
+    """Reward-model loss: the negative log-likelihood of the preferences under Bradley–Terry.
+
+    Ouyang et al., "Training language models to follow instructions with human feedback", arXiv
+    2203.02155, Eq. 1 (per comparison; Stiennon et al. 2020 before it); the optional margin is Llama 2's
+    (Touvron et al., arXiv 2307.09288, Eq. 2) and the centring term Eisenstein et al.'s (arXiv
+    2312.09244), as TRL's ``RewardTrainer`` (``margin`` column, ``center_rewards_coefficient``)::
+
+        loss = mean(−log σ(r(x, y) − r(x, y') − m)) + c · mean((r(x, y) + r(x, y'))²)
+
+    Args:
+        reward_chosen, reward_rejected: (batch,) the reward model's scalar for each side.
+        margin: (batch,) m, or None for 0.
+        center_coefficient: c, or None for no centring term.
+
+    Returns:
+        scalar loss, nats per comparison (plus the centring term).
+    """
+    gap = reward_chosen - reward_rejected
+    if margin is not None:
+        gap = gap - margin
+    loss = -F.logsigmoid(gap).mean()
+    if center_coefficient:
+        loss = loss + center_coefficient * ((reward_chosen + reward_rejected) ** 2).mean()
+    return loss

@@ -1,5 +1,5 @@
 """Objectives for the one training loop (``rlhf_pipeline.training``): the pairwise REBEL, DPO, IPO,
-SimPO, and SFT on demonstrations.
+SimPO, SFT on demonstrations, and a Bradley–Terry reward model on preference pairs.
 
 An objective turns a micro-batch's sequence log-probs into a scalar loss and its named figures;
 the loss formulas themselves are the pure functions of ``rlhf_pipeline.losses``. Each objective
@@ -7,19 +7,22 @@ has its own params model (``params.RebelObjective`` …, picked by ``train.objec
 registered in :data:`OBJECTIVES` under that name. :class:`PairwiseTask` feeds them: it holds the
 chosen/rejected pairs and their reference log-probs and computes the policy's log-probs of a
 micro-batch. An objective on other data brings its own task with the same members (``name``,
-``lengths``, ``limit_keys``, ``metric_names``, ``tokens``, ``forward``) and reuses the loop: :class:`SftTask`.
+``lengths``, ``limit_keys``, ``metric_names``, ``tokens``, ``forward``; optionally ``load_model``) and
+reuses the loop: :class:`SftTask`, :class:`RewardModelTask`.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import pyarrow as pa
 import torch
 
 from rlhf_pipeline.errors import PipelineError
+from rlhf_pipeline.intervals import bootstrap_mean_ci
 from rlhf_pipeline.logprobs import length_grouped_batches, sequence_logprobs
-from rlhf_pipeline.losses import dpo_loss, ipo_loss, rebel_loss, sft_loss, simpo_loss
+from rlhf_pipeline.losses import bradley_terry_loss, dpo_loss, ipo_loss, rebel_loss, sft_loss, simpo_loss
 from rlhf_pipeline.params import DpoObjective, IpoObjective, RebelObjective, SimpoObjective
 
 
@@ -203,6 +206,17 @@ class PairwiseTask:
             return loss, torch.stack([t.detach().float() for t in terms])
 
 
+def _check_examples(first: list[list[int]], second: list[list[int]], names: tuple[str, str], what: str,
+                    where: str) -> None:
+    """Raise a PipelineError naming ``where``: no examples, or an example (row named) with no token
+    on one of its two sides."""
+    if not first:
+        raise PipelineError(f"{where}: no {what}")
+    for i, (a, b) in enumerate(zip(first, second, strict=True)):
+        if not a or not b:
+            raise PipelineError(f"{where}: row {i} has an empty {names[0] if not a else names[1]}")
+
+
 class SftTask:
     """Demonstrations (prompt and response token ids) for supervised fine-tuning: the loss is
     :func:`rlhf_pipeline.losses.sft_loss`, the negative log-likelihood per response token; prompt
@@ -221,11 +235,7 @@ class SftTask:
     metric_names: tuple[str, ...] = ()
 
     def __init__(self, prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int, where: str):
-        if not prompt_ids:
-            raise PipelineError(f"{where}: no demonstrations")
-        for i, (p, r) in enumerate(zip(prompt_ids, response_ids, strict=True)):
-            if not p or not r:
-                raise PipelineError(f"{where}: row {i} has an empty {'prompt' if not p else 'response'}")
+        _check_examples(prompt_ids, response_ids, ("prompt", "response"), "demonstrations", where)
         self.prompts, self.responses, self.pad_id = prompt_ids, response_ids, pad_id
         #: tokens per demonstration, prompt + response: for length grouping and the context check
         self.lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
@@ -253,3 +263,96 @@ class SftTask:
             total -= float(logps.double().sum())
             tokens += sum(len(self.responses[i]) for i in group)
         return total / tokens
+
+
+def load_reward_model_for_training(model_dir, dtype: torch.dtype, device: torch.device, pad_id: int):
+    """``AutoModelForSequenceClassification`` with one output from a policy folder: the policy's
+    transformer and a new linear head on the last token (seeded by the caller's ``set_seed``), as
+    InstructGPT's reward model starts from the SFT model (Ouyang et al. 2022, Sec. 3.5). The head
+    pools the last non-pad token, so ``pad_token_id`` is set in the config."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=dtype,
+                                                               pad_token_id=pad_id)
+    return model.to(device)
+
+
+class RewardModelTask:
+    """Preference pairs for a Bradley–Terry reward model (:func:`rlhf_pipeline.losses.bradley_terry_loss`):
+    each side is the whole conversation's token ids; the model's one logit is the reward.
+
+    Args:
+        chosen_ids, rejected_ids: token ids per pair (``preferences.split_preferences``).
+        margins: (pairs,) m of the loss. center_coefficient: ``reward_model.center_rewards_coefficient``.
+
+    Raises:
+        PipelineError: no pairs, or a pair with an empty side (row named).
+    """
+
+    name = "bradley_terry"
+    limit_keys = "reward_model.max_tokens"
+    #: held-in figures per update: how often r(x, y) > r(x, y'), and the mean r(x, y) − r(x, y')
+    metric_names = ("accuracy", "margin")
+
+    def __init__(self, chosen_ids: list[list[int]], rejected_ids: list[list[int]], margins: list[float], pad_id: int,
+                 center_coefficient: float | None, where: str):
+        _check_examples(chosen_ids, rejected_ids, ("chosen", "rejected"), "preference pairs", where)
+        self.chosen, self.rejected, self.pad_id = chosen_ids, rejected_ids, pad_id
+        self.margins = torch.tensor(margins, dtype=torch.float32)
+        self.center = center_coefficient
+        #: per pair, the longer of its two sequences (tokens): for length grouping and the context check
+        self.lengths = [max(len(c), len(r)) for c, r in zip(chosen_ids, rejected_ids)]
+
+    def load_model(self, model_dir, dtype: torch.dtype, device: torch.device):
+        return load_reward_model_for_training(model_dir, dtype, device, self.pad_id)
+
+    def tokens(self, idx: list[int]) -> int:
+        """Tokens one forward pass over these pairs processes (both sides)."""
+        return sum(len(self.chosen[i]) + len(self.rejected[i]) for i in idx)
+
+    def rewards(self, model, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen, rejected) rewards of pairs ``idx``, each (len(idx),): both sides in one
+        right-padded batch, the head reading each sequence's last token."""
+        seqs = [self.chosen[i] for i in idx] + [self.rejected[i] for i in idx]
+        device = next(model.parameters()).device
+        width = max(map(len, seqs))
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, seq in enumerate(seqs):
+            ids[row, :len(seq)] = torch.tensor(seq)
+            mask[row, :len(seq)] = 1
+        scores = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float()
+        return scores[:len(idx)], scores[len(idx):]
+
+    def forward(self, model, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bradley–Terry loss on pairs ``idx`` and (accuracy, margin) without grad."""
+        chosen, rejected = self.rewards(model, idx)
+        loss = bradley_terry_loss(chosen, rejected, self.margins[idx].to(chosen.device), self.center)
+        with torch.no_grad():
+            gap = chosen - rejected
+            return loss, torch.stack([(gap > 0).float().mean(), gap.mean()]).detach()
+
+    @torch.no_grad()
+    def heldout_metrics(self, model, batch_size: int, bootstrap_samples: int, bins: int, seed: int) -> dict:
+        """Pairwise accuracy (ties count half) with a 95 % percentile-bootstrap interval over pairs,
+        the Bradley–Terry loss (nats per pair), the mean reward gap r(x, y) − r(x, y'), and the
+        accuracy in ``bins`` equal-count bins of |r(x, y) − r(x, y')| (calibration: a reward model
+        whose confident gaps are right more often than its small ones)."""
+        chosen, rejected = torch.zeros(len(self.lengths)), torch.zeros(len(self.lengths))
+        for group in length_grouped_batches(self.lengths, batch_size):
+            c, r = self.rewards(model, group)
+            chosen[group], rejected[group] = c.cpu(), r.cpu()
+        gap = (chosen - rejected).double().numpy()
+        correct = np.where(gap > 0, 1.0, np.where(gap == 0, 0.5, 0.0))
+        low, high = bootstrap_mean_ci(correct, bootstrap_samples, 0.95, seed)
+        order = np.argsort(np.abs(gap), kind="stable")
+        calibration = [{"abs_gap_min": round(float(np.abs(gap[part]).min()), 6),
+                        "abs_gap_max": round(float(np.abs(gap[part]).max()), 6), "pairs": int(part.size),
+                        "accuracy": round(float(correct[part].mean()), 6)}
+                       for part in np.array_split(order, min(bins, gap.size))]
+        return {"pairs": int(gap.size), "accuracy": round(float(correct.mean()), 6),
+                "accuracy_ci": [round(low, 6), round(high, 6)], "above_chance": bool(low > 0.5),
+                "loss": round(float(bradley_terry_loss(chosen, rejected, self.margins, self.center)), 6),
+                "mean_reward_gap": round(float(gap.mean()), 6),
+                "mean_reward_chosen": round(float(chosen.mean()), 6),
+                "mean_reward_rejected": round(float(rejected.mean()), 6), "calibration": calibration}

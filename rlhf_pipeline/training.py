@@ -80,13 +80,13 @@ def inputs_fingerprint(files: list[Path], cfg: OptimizerParams, seed: int, tempe
     """SHA-256 of the training inputs and settings; a checkpoint is resumed only if it matches.
 
     The settings are the keys the stage declares in dvc.yaml (not ``logprob_batch_size``, read by
-    ``ref_logprobs`` only, nor ``mlflow_live`` or ``per_device_eval_batch_size``, which change no
+    ``ref_logprobs`` only, nor ``mlflow_live`` or the held-out evaluation's keys, which change no
     weight) and the log-prob temperature they resolve to. ``data``: inputs that are not files (the
-    tokenized demonstrations of ``sft``).
+    tokenized demonstrations of ``sft``, the pairs of ``reward_model``).
     """
     settings = cfg.model_dump(exclude={"mlflow_live", "logprob_batch_size", "allow_temperature_mismatch",
                                        "reference",  # the reference is in the log-prob file
-                                       "per_device_eval_batch_size"})
+                                       "per_device_eval_batch_size", "bootstrap_samples", "calibration_bins"})
     h = hashlib.sha256(json.dumps({"train": settings, "seed": seed, "temperature": temperature},
                                   sort_keys=True).encode())
     h.update(data)
@@ -149,8 +149,9 @@ def train_policy(model_dir: str | os.PathLike, task, cfg: OptimizerParams, seed:
 
     ``task`` has ``name`` (the objective's), ``lengths`` (tokens per example), ``limit_keys`` (the
     params keys that bound them, for the context error), ``metric_names``,
-    ``tokens(idx)`` and ``forward(model, idx) -> (loss, figures)`` (see
-    ``rlhf_pipeline.objectives.PairwiseTask`` and ``SftTask``). ``cfg``: ``params.TrainParams`` or any
+    ``tokens(idx)`` and ``forward(model, idx) -> (loss, figures)``, and may have
+    ``load_model(model_dir, dtype, device)`` (default: the causal LM) (see
+    ``rlhf_pipeline.objectives.PairwiseTask``, ``SftTask`` and ``RewardModelTask``). ``cfg``: ``params.TrainParams`` or any
     ``params.OptimizerParams``.
     Resumes from ``checkpoint_dir`` when it holds a checkpoint with the same ``fingerprint``
     (same inputs and settings), and ends with the weights an uninterrupted run would have.
@@ -200,7 +201,7 @@ def train_policy(model_dir: str | os.PathLike, task, cfg: OptimizerParams, seed:
 
     set_seed(seed)
     tok = load_tokenizer(model_dir)
-    model = load_policy(model_dir, torch.float32, accelerator.device)
+    model = getattr(task, "load_model", load_policy)(model_dir, torch.float32, accelerator.device)
     check_context_length(lengths, getattr(model.config, "max_position_embeddings", None), where, task.limit_keys)
     model.train()
     for module in model.modules():  # dropout off: log-probs must be those of the policy itself

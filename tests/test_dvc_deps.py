@@ -184,6 +184,8 @@ OTHER_PATHS = {
                         "data.prompt_field"},
     "generate": {"generate.tensor_parallel_size", "generate.gpu_memory_utilization"},
     "sft": {"sft.path", "sft.dataset", "sft.config_name", "sft.data_files", "sft.split"},
+    "reward_model": {"reward_model.path", "reward_model.dataset", "reward_model.config_name",
+                     "reward_model.data_files", "reward_model.split"},
 }
 
 

@@ -6,8 +6,9 @@ import pytest
 
 from rlhf_pipeline.errors import PipelineError
 from rlhf_pipeline.rewards import Scorers
-from rlhf_pipeline.evaluation import (bootstrap_mean_ci, compare_with_base, iteration_rows, paired_comparison,
+from rlhf_pipeline.evaluation import (compare_with_base, iteration_rows, paired_comparison,
                                       per_prompt_means, reward_histogram, sample_and_score)
+from rlhf_pipeline.intervals import bootstrap_mean_ci
 from rlhf_pipeline.params import EvaluateParams, GenerateParams, RewardParams
 
 
@@ -23,7 +24,7 @@ def test_bootstrap_is_seeded_and_contains_the_mean():
     assert high - low == pytest.approx(2 * 1.96 * se, rel=0.15)
     narrow = bootstrap_mean_ci(values, 2000, 0.5, seed=5)
     assert low < narrow[0] < narrow[1] < high
-    with pytest.raises(PipelineError, match="no prompts"):
+    with pytest.raises(PipelineError, match="no values: the held-out set is empty"):
         bootstrap_mean_ci(np.array([]), 100, 0.95, 0)
 
 

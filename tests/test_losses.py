@@ -64,3 +64,22 @@ def test_sft_by_hand():
     lp = torch.tensor([-2.0, -3.0], requires_grad=True)
     sft_loss(lp, torch.tensor([4.0, 1.0])).backward()
     assert lp.grad.tolist() == pytest.approx([-0.2, -0.2])  # every token weighs the same
+
+
+def test_bradley_terry_by_hand():
+    import math
+
+    from rlhf_pipeline.losses import bradley_terry_loss
+
+    rc, rr = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])
+    # gaps 1 and −1: (log(1 + e^−1) + log(1 + e^1)) / 2
+    expected = (math.log1p(math.exp(-1)) + math.log1p(math.exp(1))) / 2
+    assert bradley_terry_loss(rc, rr).item() == pytest.approx(expected)
+    # margin 1 on the first pair: its gap becomes 0, log 2
+    with_margin = (math.log(2) + math.log1p(math.exp(1))) / 2
+    assert bradley_terry_loss(rc, rr, torch.tensor([1.0, 0.0])).item() == pytest.approx(with_margin)
+    # centring: + c · mean((2 + 1)², (0 + 1)²) = 0.1 · 5
+    assert bradley_terry_loss(rc, rr, None, 0.1).item() == pytest.approx(expected + 0.5)
+    c = torch.tensor([0.0], requires_grad=True)
+    bradley_terry_loss(c, torch.tensor([0.0])).backward()
+    assert c.grad.item() == pytest.approx(-0.5)  # −σ(−0): raising the chosen reward lowers the loss

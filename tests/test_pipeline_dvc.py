@@ -358,13 +358,13 @@ def test_bad_params_fail_before_any_output(project):
     assert "Traceback" not in proc.stderr
 
 
-def test_classic_variant_runs_sft_and_its_evaluation_apart_from_the_default(tiny_project, tmp_path):
-    """`dvc repro classic/dvc.yaml` runs SFT and the SFT policy's evaluation on the default DAG's
-    outputs (up to date, so not rerun); reruns are stale-only and byte-identical, and the default
-    pipeline's status is untouched."""
+def test_classic_variant_runs_sft_its_evaluation_and_the_reward_model_apart_from_the_default(tiny_project, tmp_path):
+    """`dvc repro classic/dvc.yaml` runs SFT, the SFT policy's evaluation and the reward model on the
+    default DAG's outputs (up to date, so not rerun); reruns are stale-only and byte-identical, and
+    the default pipeline's status is untouched."""
     project = copy_project(tiny_project, tmp_path / "proj")
-    sft, evaluate = "classic/dvc.yaml:sft", "classic/dvc.yaml:evaluate_sft"
-    assert ran(run_dvc(project, "repro", "classic/dvc.yaml").stdout) == {sft, evaluate}
+    sft, evaluate, rm = "classic/dvc.yaml:sft", "classic/dvc.yaml:evaluate_sft", "classic/dvc.yaml:reward_model"
+    assert ran(run_dvc(project, "repro", "classic/dvc.yaml").stdout) == {sft, evaluate, rm}
     metrics = json.loads((project / "classic/metrics/sft.json").read_text())
     assert (metrics["train_demonstrations"], metrics["val_demonstrations"], metrics["updates"]) == (16, 4, 8)
     assert metrics["objective"] == "sft" and metrics["val_loss_after"] < metrics["val_loss_before"]
@@ -373,6 +373,10 @@ def test_classic_variant_runs_sft_and_its_evaluation_apart_from_the_default(tiny
     evaluation = json.loads((project / "classic/metrics/eval/sft.json").read_text())
     assert evaluation["policy"] == "classic/models/sft" and evaluation["split"] == "val"
     assert not (project / "classic/models/.checkpoints/sft").exists()
+    reward = json.loads((project / "classic/metrics/reward_model.json").read_text())
+    assert reward["objective"] == "bradley_terry" and reward["val_pairs"] == 4 and reward["train_pairs"] >= 8
+    assert reward["val_after"]["pairs"] == 4 and len(reward["val_after"]["calibration"]) == 2
+    assert (project / "classic/models/reward/config.json").is_file()
 
     def classic_md5s():
         lock = yaml.safe_load((project / "classic/dvc.lock").read_text())
@@ -384,8 +388,10 @@ def test_classic_variant_runs_sft_and_its_evaluation_apart_from_the_default(tiny
     assert ran(run_dvc(project, "repro", "--force", "--single-item", sft).stdout) == {sft}
     assert classic_md5s() == before  # byte-identical rerun
     assert json.loads(run_dvc(project, "status", "--json", "dvc.yaml").stdout) == {}
-    set_param(project, "sft", "learning_rate", 5e-4)
-    assert ran(run_dvc(project, "repro", "classic/dvc.yaml").stdout) == {sft, evaluate}
+    set_param(project, "reward_model", "learning_rate", 5e-4)  # the reward model alone
+    assert ran(run_dvc(project, "repro", "classic/dvc.yaml").stdout) == {rm}
+    set_param(project, "sft", "learning_rate", 5e-4)  # the SFT policy and all that starts from it
+    assert ran(run_dvc(project, "repro", "classic/dvc.yaml").stdout) == {sft, evaluate, rm}
     assert classic_md5s()["classic/models/sft"] != before["classic/models/sft"]
     # of the default pipeline only report, which logs every key of params.yaml to MLflow, is stale
     assert set(json.loads(run_dvc(project, "status", "--json", "dvc.yaml").stdout)) == {"report"}

@@ -35,8 +35,9 @@ def dvc(project: Path, *args: str, env: dict | None = None) -> subprocess.Comple
                           capture_output=True, text=True)
 
 
-def stale_stages(project: Path) -> set[str]:
-    return set(json.loads(run_dvc(project, "status", "--json", "dvc.yaml").stdout))  # the default pipeline
+def stale_stages(project: Path, dvcfile: str = "dvc.yaml") -> set[str]:
+    """Stale stages of one pipeline file (the default one unless named)."""
+    return set(json.loads(run_dvc(project, "status", "--json", dvcfile).stdout))
 
 
 @pytest.mark.parametrize("module", ["rlhf_pipeline/losses.py", "rlhf_pipeline/evaluation.py"])
@@ -179,19 +180,22 @@ def test_outputs_round_trip_through_a_local_remote(tiny_project, tmp_path):
     ("generate@iter_1", ("generate", "temperature", 0.7), "kill-writing-parquet", "data/iter_1/generations.parquet",
      "generations.parquet"),
     ("train@iter_1", ("train", "learning_rate", 3e-4), "kill-writing-safetensors", "models/iter_1", ".iter_1.tmp-"),
+    ("classic/dvc.yaml:sft", ("sft", "learning_rate", 5e-4), "kill-writing-safetensors", "classic/models/sft",
+     ".sft.tmp-"),
 ])
 def test_sigkill_while_writing_leaves_no_partial_output(tiny_project, tmp_path, stage, change, fault, output,
                                                         path_part):
     proj = copy_project(tiny_project, tmp_path / "proj")
     set_param(proj, *change)
-    killed = dvc(proj, "repro", stage, env=fault_env(fault, stage.split("@")[0], path_part))
+    dvcfile = stage.split(":")[0] if ":" in stage else "dvc.yaml"
+    killed = dvc(proj, "repro", stage, env=fault_env(fault, stage.split(":")[-1].split("@")[0], path_part))
     assert killed.returncode != 0
     assert f"Running stage '{stage}'" in killed.stdout
     target = proj / output
     # The half-written file was a temporary beside the output, never the output itself.
     assert list(target.parent.glob(f".{target.name}.tmp-*")), "the fault did not fire mid-write"
     assert not target.exists()
-    assert stage in stale_stages(proj)
+    assert stage in stale_stages(proj, dvcfile)
     assert ran(run_dvc(proj, "repro", stage).stdout) == {stage}
     assert target.exists() and not list(target.parent.glob(f".{target.name}.tmp-*"))
-    assert stage not in stale_stages(proj)
+    assert stage not in stale_stages(proj, dvcfile)

@@ -119,7 +119,7 @@ def test_params_need_the_source_they_name():
         SftParams(source="file")
     with pytest.raises(ValueError, match="dataset: required when source is 'huggingface'"):
         SftParams(source="huggingface")
-    with pytest.raises(ValueError, match="val_size: 8 leaves no training demonstration"):
+    with pytest.raises(ValueError, match="val_size: 8 leaves nothing to train on out of num_demonstrations=8"):
         SftParams(num_demonstrations=8, val_size=8)
     assert SftParams().source == "alpaca_eval"
 
@@ -147,8 +147,8 @@ def test_split_is_seeded_independent_of_row_order_and_counts_what_it_drops(tiny_
     assert other.val != split.val
     held_out = {tuple(r) for r in split.val[1]}
     assert not held_out & {tuple(r) for r in split.train[1]}
-    with pytest.raises(PipelineError, match=r"sft.num_demonstrations: 11 requested but demos has 10 distinct "
-                                            r"demonstrations within sft.max_tokens=100 \(1 longer\)"):
+    with pytest.raises(PipelineError, match=r"sft.num_demonstrations: 11 requested but distinct demonstrations of "
+                                            r"demos within sft.max_tokens=100 \(1 longer\): 10"):
         split_demonstrations(tok, [*convs, long], SftParams(num_demonstrations=11, max_tokens=100, val_size=3),
                              5, "demos")
 

@@ -14,6 +14,7 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
+from rlhf_pipeline.chat import chat_messages, chat_token_ids
 from rlhf_pipeline.errors import PipelineError
 from rlhf_pipeline.params import SequenceClassificationOptions
 
@@ -51,10 +52,9 @@ def load_reward_model(opts: SequenceClassificationOptions, device: torch.device)
 
 
 def conversation_ids(tokenizer, prompt: str, response: str) -> list[int]:
-    """Token ids of the two-turn conversation in the reward model's chat template."""
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
-                                         {"role": "assistant", "content": response}], tokenize=True)
-    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "input_ids") else ids)
+    """Token ids of the two-turn conversation in the reward model's chat template (as the
+    ``reward_model`` stage trains on them: ``preferences.tokenize_pairs``)."""
+    return chat_token_ids(tokenizer, [*chat_messages(prompt), {"role": "assistant", "content": response}])
 
 
 class SequenceClassification:
