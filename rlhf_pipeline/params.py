@@ -318,7 +318,7 @@ class RewardModelParams(_TrainingDataParams):
     output), trained on preference pairs. Read by the ``reward_model`` stage of the classic variant.
     File and dataset records: prompt/chosen/rejected (texts or chat messages), optional margin."""
 
-    _count_key: ClassVar[str] = "num_pairs"
+    _count_key: ClassVar[str] = "num_prompts"
 
     source: Literal["generations", "file", "huggingface"] = Field(
         "generations", description="generations: the pipeline's own scored responses, every pair of a "
@@ -326,8 +326,10 @@ class RewardModelParams(_TrainingDataParams):
         "reward_model.dataset (e.g. trl-lib/ultrafeedback_binarized)")
     min_reward_gap: Number = Field(0.0, ge=0, description="source=generations: pairs whose reward gap is at most "
                                    "this are dropped (exact ties always)")
-    num_pairs: Int | None = Field(None, ge=2, description="pairs drawn (seeded), held-out ones included; null: all")
-    val_size: Int = Field(24, ge=1, description="held-out pairs: accuracy with its interval, margin, calibration")
+    num_prompts: Int | None = Field(None, ge=2, description="prompts drawn (seeded), each with all its pairs, "
+                                    "held-out ones included; null: all")
+    val_size: Int = Field(8, ge=1, description="held-out prompts, all their pairs (pairs of a prompt share "
+                          "responses): accuracy with its interval, margin, calibration")
     max_tokens: Int = Field(1024, gt=0, description="tokens of the longer conversation of a pair; longer pairs are "
                             "dropped (counted)")
     center_rewards_coefficient: Number | None = Field(

@@ -177,17 +177,21 @@ class PreferenceSplit:
 def split_preferences(tokenizer, prefs: list[Preference], cfg: RewardModelParams, seed: int) -> PreferenceSplit:
     """Tokenize each side as the whole conversation in the chat template (as the scorer does:
     ``rewards.sequence_classification.conversation_ids``), drop duplicates and pairs whose longer
-    side exceeds ``reward_model.max_tokens``, draw ``reward_model.num_pairs`` (seeded) and hold out
-    the first ``reward_model.val_size`` of the draw.
+    side exceeds ``reward_model.max_tokens``, draw ``reward_model.num_prompts`` prompts (seeded) and
+    hold out every pair of the first ``reward_model.val_size`` of them.
 
-    The draw is a seeded permutation of the pairs sorted by the SHA-256 of their token ids, so it
-    does not depend on the source's row order; each set keeps that sorted order.
+    The split is by prompt: pairs of one prompt share responses (the ``generations`` source makes
+    up to six pairs of four responses), so a pair-level split would score held-out pairs on
+    responses seen in training. The draw is a seeded permutation of the prompts sorted by the
+    SHA-256 of their turns, so it does not depend on the source's row order; pairs are in the order
+    of their token ids' SHA-256.
 
     Raises:
-        PipelineError: naming ``reward_model.num_pairs`` / ``reward_model.val_size`` when too few
-            pairs fit.
+        PipelineError: naming ``reward_model.num_prompts`` / ``reward_model.val_size`` when too few
+            prompts have a pair that fits.
     """
     keyed: dict[str, tuple[list[int], list[int], float]] = {}
+    prompt_of: dict[str, str] = {}
     too_long = 0
     for p in prefs:
         chosen = chat_token_ids(tokenizer, p.conversation(p.chosen))
@@ -197,16 +201,18 @@ def split_preferences(tokenizer, prefs: list[Preference], cfg: RewardModelParams
             continue
         key = hashlib.sha256(json.dumps([chosen, rejected, p.margin]).encode()).hexdigest()
         keyed.setdefault(key, (chosen, rejected, p.margin))
-    train_keys, val_keys = draw_held_out(
-        keyed, cfg.num_pairs, cfg.val_size, seed, num_key="reward_model.num_pairs", val_key="reward_model.val_size",
-        what=f"distinct pairs within reward_model.max_tokens={cfg.max_tokens} ({too_long} longer)")
+        prompt_of[key] = hashlib.sha256(json.dumps(p.prompt).encode()).hexdigest()
+    train_prompts, val_prompts = draw_held_out(
+        set(prompt_of.values()), cfg.num_prompts, cfg.val_size, seed, num_key="reward_model.num_prompts",
+        val_key="reward_model.val_size",
+        what=f"prompts with a distinct pair within reward_model.max_tokens={cfg.max_tokens} ({too_long} pairs longer)")
 
-    def columns(selected):
-        rows = [keyed[k] for k in selected]
+    def columns(prompts):
+        rows = [keyed[k] for k in sorted(keyed) if prompt_of[k] in prompts]
         return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
 
-    train, val = columns(train_keys), columns(val_keys)
+    train, val = columns(set(train_prompts)), columns(set(val_prompts))
     counts = {"source_pairs": len(prefs), "dropped_too_long": too_long,
-              "duplicates_dropped": len(prefs) - too_long - len(keyed), "train_pairs": len(train[0]),
-              "val_pairs": len(val[0])}
+              "duplicates_dropped": len(prefs) - too_long - len(keyed), "train_prompts": len(train_prompts),
+              "val_prompts": len(val_prompts), "train_pairs": len(train[0]), "val_pairs": len(val[0])}
     return PreferenceSplit(train, val, counts)

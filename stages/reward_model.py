@@ -6,8 +6,9 @@ The policy (the SFT policy there, as InstructGPT's RM) with a linear head on the
 −log σ(r(x, y) − r(x, y') − m) (Ouyang et al. 2022, Eq. 1). Pairs (``reward_model.source``): every
 pair of a prompt's scored responses whose rewards differ (``--generations``/``--scores``, the
 default DAG's iteration 1), or a file under ``--sources`` or a dataset in the prompt/chosen/rejected
-format. ``reward_model.val_size`` pairs are held out: the metrics report their pairwise accuracy with
-a 95 % interval, loss, mean gap and calibration, before training (the untrained head) and after.
+format. Every pair of ``reward_model.val_size`` prompts is held out: the metrics report their pairwise
+accuracy with a 95 % interval, loss, mean gap and calibration, before training (the untrained head)
+and after.
 The output folder is what the ``sequence-classification`` scorer loads.
 """
 

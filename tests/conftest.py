@@ -153,8 +153,8 @@ def tiny_overrides(model_dir, reward_model_dir) -> dict:
         "sft": {"num_demonstrations": 20, "val_size": 4, "max_tokens": 160, "learning_rate": 1e-3, "dtype": "float32",
                 "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "save_every": 2,
                 "per_device_eval_batch_size": 4},
-        # iteration 1's 16 responses give up to 24 pairs: 4 held out
-        "reward_model": {"val_size": 4, "learning_rate": 1e-3, "dtype": "float32", "per_device_train_batch_size": 2,
+        # iteration 1's 4 prompts x 4 responses give up to 24 pairs: one prompt's held out
+        "reward_model": {"val_size": 1, "learning_rate": 1e-3, "dtype": "float32", "per_device_train_batch_size": 2,
                          "gradient_accumulation_steps": 1, "save_every": 2, "per_device_eval_batch_size": 4,
                          "bootstrap_samples": 200, "calibration_bins": 2},
     }

@@ -374,8 +374,8 @@ def test_classic_variant_runs_sft_its_evaluation_and_the_reward_model_apart_from
     assert evaluation["policy"] == "classic/models/sft" and evaluation["split"] == "val"
     assert not (project / "classic/models/.checkpoints/sft").exists()
     reward = json.loads((project / "classic/metrics/reward_model.json").read_text())
-    assert reward["objective"] == "bradley_terry" and reward["val_pairs"] == 4 and reward["train_pairs"] >= 8
-    assert reward["val_after"]["pairs"] == 4 and len(reward["val_after"]["calibration"]) == 2
+    assert reward["objective"] == "bradley_terry" and reward["val_prompts"] == 1 and reward["train_pairs"] >= 6
+    assert reward["val_after"]["pairs"] == reward["val_pairs"] >= 2 and len(reward["val_after"]["calibration"]) == 2
     assert (project / "classic/models/reward/config.json").is_file()
 
     def classic_md5s():

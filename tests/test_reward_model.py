@@ -71,28 +71,31 @@ def test_pairs_from_generations_by_hand():
         from_generations({"p": "P?"}, gens.slice(0, 4), scores.slice(3, 3), 0.0)
 
 
-def _prefs(n):
+def _prefs(n, per_prompt=1):
     fruits = ["apple", "pear", "plum", "fig", "kiwi", "lime", "date", "peach", "grape", "melon", "mango", "lemon"]
-    return [Preference((("user", f"Name fruit number {i}."),), f"{f} is a fruit.", f"I will not answer {i}.")
-            for i, f in enumerate(fruits[:n])]
+    return [Preference((("user", f"Name fruit number {i}."),), f"{f} is a fruit{'!' * k}", f"I will not answer {i}.")
+            for i, f in enumerate(fruits[:n]) for k in range(per_prompt)]
 
 
-def test_split_is_seeded_and_independent_of_row_order(tiny_policy):
+def test_split_is_by_prompt_seeded_and_independent_of_row_order(tiny_policy):
     _, tok = tiny_policy
     cfg = RewardModelParams(val_size=3, max_tokens=200)
-    split = split_preferences(tok, _prefs(10) + _prefs(2), cfg, 3)
-    assert split.counts == {"source_pairs": 12, "dropped_too_long": 0, "duplicates_dropped": 2,
-                            "train_pairs": 7, "val_pairs": 3}
-    again = split_preferences(tok, list(reversed(_prefs(10))), cfg, 3)
+    split = split_preferences(tok, _prefs(10, per_prompt=2) + _prefs(2), cfg, 3)
+    assert split.counts == {"source_pairs": 22, "dropped_too_long": 0, "duplicates_dropped": 2, "train_prompts": 7,
+                            "val_prompts": 3, "train_pairs": 14, "val_pairs": 6}
+    # a prompt's pairs share its responses: they are all on one side of the split
+    val_rejected = {tuple(r) for r in split.val[1]}
+    assert not val_rejected & {tuple(r) for r in split.train[1]}
+    again = split_preferences(tok, list(reversed(_prefs(10, per_prompt=2))), cfg, 3)
     assert (again.train, again.val) == (split.train, split.val) and again.digest() == split.digest()
     assert split.val != split_preferences(tok, _prefs(10), cfg, 4).val
     from rlhf_pipeline.rewards.sequence_classification import conversation_ids
 
     # each side is the conversation exactly as the scorer tokenizes it
-    assert conversation_ids(tok, "Name fruit number 0.", "apple is a fruit.") in split.train[0] + split.val[0]
-    with pytest.raises(PipelineError, match=r"reward_model.num_pairs: 11 requested but distinct pairs within "
-                                            r"reward_model.max_tokens=1024 \(0 longer\): 10"):
-        split_preferences(tok, _prefs(10), RewardModelParams(num_pairs=11, val_size=3), 3)
+    assert conversation_ids(tok, "Name fruit number 0.", "apple is a fruit") in split.train[0] + split.val[0]
+    with pytest.raises(PipelineError, match=r"reward_model.num_prompts: 11 requested but prompts with a distinct "
+                                            r"pair within reward_model.max_tokens=1024 \(0 pairs longer\): 10"):
+        split_preferences(tok, _prefs(10), RewardModelParams(num_prompts=11, val_size=3), 3)
     with pytest.raises(PipelineError, match=r"reward_model.val_size: 10 leaves nothing to train on out of 10"):
         split_preferences(tok, _prefs(10), RewardModelParams(val_size=10), 3)
 
@@ -135,12 +138,12 @@ def test_a_tiny_reward_model_learns_the_preference_and_scores_as_trained(tiny_po
     model, rm_tok = load_reward_model(SequenceClassificationOptions(model=str(tmp_path / "rm"), dtype="float32"),
                                       torch.device("cpu"))
     prompts = {"p0": {"prompt": "Name fruit number 0."}}
-    got = score(prompts, [("p0", "apple is a fruit."), ("p0", "I will not answer 0.")],
+    got = score(prompts, [("p0", "apple is a fruit"), ("p0", "I will not answer 0.")],
                 SequenceClassificationOptions(model=str(tmp_path / "rm")), model, rm_tok, torch.device("cpu"),
                 progress=False)[0]["reward_sequence_classification"].to_pylist()
     from rlhf_pipeline.rewards.sequence_classification import conversation_ids
 
-    ids = [conversation_ids(rm_tok, "Name fruit number 0.", t) for t in ("apple is a fruit.", "I will not answer 0.")]
+    ids = [conversation_ids(rm_tok, "Name fruit number 0.", t) for t in ("apple is a fruit", "I will not answer 0.")]
     check = RewardModelTask([ids[0]], [ids[1]], [0.0], rm_tok.pad_token_id, None, "p")
     with torch.no_grad():
         c, r = check.rewards(model, [0])
