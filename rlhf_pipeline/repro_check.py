@@ -42,19 +42,17 @@ def project_files(root: Path) -> list[str]:
     return [f for f in out.split("\0") if f and (root / f).is_file()]
 
 
-def scratch_copy(root: Path, dest: Path, keep_lock: bool = False) -> Path:
-    """A new git repository at ``dest`` holding the project's work tree (no DVC outputs, no
-    cache), committed; with ``keep_lock`` the project's ``dvc.lock`` too, else none."""
+def scratch_copy(root: Path, dest: Path) -> Path:
+    """A new git repository at ``dest`` holding the project's work tree, committed, with no DVC
+    outputs, no cache and no ``dvc.lock`` of any pipeline (``classic/dvc.lock`` included: a
+    committed lock names outputs that the scratch copy's cache does not hold)."""
     dest.mkdir(parents=True, exist_ok=True)
     for rel in project_files(root):
+        if Path(rel).name == "dvc.lock":
+            continue
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(root / rel, target)
-    lock = dest / "dvc.lock"
-    if keep_lock and (root / "dvc.lock").is_file():
-        shutil.copy2(root / "dvc.lock", lock)
-    elif not keep_lock:
-        lock.unlink(missing_ok=True)
     git = ["git", "-c", "user.name=check-repro", "-c", "user.email=check-repro@localhost", "-c", "commit.gpgsign=false"]
     subprocess.run(git + ["init", "-q", "-b", "main"], cwd=dest, check=True)
     subprocess.run(git + ["add", "-A"], cwd=dest, check=True)
