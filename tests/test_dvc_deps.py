@@ -177,8 +177,9 @@ def test_iterations_chain_policies_and_keep_their_files_apart():
 
 # ---- params: recorded at run time -------------------------------------------------------------
 
-#: Keys a stage reads only on a path the tiny CPU pipeline does not take (another data source, the
-#: vLLM backend); listed here so that declaring the whole section is not reported as "more".
+#: Keys a stage module reads only on a path the tiny CPU pipeline does not take (another data
+#: source, the vLLM backend), by module (stages.generate serves generate@iter_t and rl_generate);
+#: listed here so that declaring the whole section is not reported as "more".
 OTHER_PATHS = {
     "prepare_prompts": {"data.path", "data.dataset", "data.config_name", "data.data_files", "data.split",
                         "data.prompt_field"},
@@ -270,7 +271,7 @@ def check_params_read(stage: str, read: set[str]) -> None:
     declared_keys = set()
     for entry in declared_params(stage):
         declared_keys |= all_leaf_keys(entry)
-    read_or_other = read | OTHER_PATHS.get(stage.split("@")[0], set())
+    read_or_other = read | OTHER_PATHS.get(stage_module(stage).removeprefix("stages."), set())
     undeclared = sorted(k for k in read if k not in declared_keys)
     unread = sorted(declared_keys - read_or_other)
     assert not undeclared and not unread, f"{stage}: reads undeclared {undeclared}; declares unread {unread}"

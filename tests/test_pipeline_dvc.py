@@ -358,13 +358,17 @@ def test_bad_params_fail_before_any_output(project):
     assert "Traceback" not in proc.stderr
 
 
-def test_classic_variant_runs_sft_its_evaluation_and_the_reward_model_apart_from_the_default(tiny_project, tmp_path):
-    """`dvc repro classic/dvc.yaml` runs SFT, the SFT policy's evaluation and the reward model on the
-    default DAG's outputs (up to date, so not rerun); reruns are stale-only and byte-identical, and
-    the default pipeline's status is untouched."""
+def test_classic_variant_runs_sft_the_reward_model_and_rl_against_it_apart_from_the_default(tiny_project, tmp_path):
+    """`dvc repro classic/dvc.yaml` runs SFT, the SFT policy's evaluation, the reward model and a
+    REBEL iteration from the SFT policy scored by that reward model, on the default DAG's outputs
+    (up to date, so not rerun); reruns are stale-only and byte-identical, and the default
+    pipeline's status is untouched."""
     project = copy_project(tiny_project, tmp_path / "proj")
     sft, evaluate, rm = "classic/dvc.yaml:sft", "classic/dvc.yaml:evaluate_sft", "classic/dvc.yaml:reward_model"
-    assert ran(run_dvc(project, "repro", "classic/dvc.yaml").stdout) == {sft, evaluate, rm}
+    rl = {f"classic/dvc.yaml:{s}" for s in ("rl_generate", "rl_score", "rl_pairs", "rl_ref_logprobs", "rl_train",
+                                            "evaluate_rl", "overoptimization")}
+    scored_by_rm = rl - {"classic/dvc.yaml:rl_generate"}
+    assert ran(run_dvc(project, "repro", "classic/dvc.yaml").stdout) == {sft, evaluate, rm, *rl}
     metrics = json.loads((project / "classic/metrics/sft.json").read_text())
     assert (metrics["train_demonstrations"], metrics["val_demonstrations"], metrics["updates"]) == (16, 4, 8)
     assert metrics["objective"] == "sft" and metrics["val_loss_after"] < metrics["val_loss_before"]
@@ -377,6 +381,18 @@ def test_classic_variant_runs_sft_its_evaluation_and_the_reward_model_apart_from
     assert reward["objective"] == "bradley_terry" and reward["val_prompts"] == 1 and reward["train_pairs"] >= 6
     assert reward["val_after"]["pairs"] == reward["val_pairs"] >= 2 and len(reward["val_after"]["calibration"]) == 2
     assert (project / "classic/models/reward/config.json").is_file()
+    score = json.loads((project / "classic/metrics/rl/score.json").read_text())
+    assert score["reward_model"] == "classic/models/reward" and score["agreement_ifeval_pairs"] >= 0
+    scores = pq.read_table(project / "classic/data/rl/scores.parquet")
+    assert {"reward_sequence_classification", "reward_ifeval"} <= set(scores.column_names)
+    generate = json.loads((project / "classic/metrics/rl/generate.json").read_text())
+    assert generate["iteration"] == 2  # iteration 2's prompts: not those the reward model trained on
+    assert json.loads((project / "classic/metrics/rl/train.json").read_text())["objective"] == "rebel"
+    assert json.loads((project / "classic/metrics/eval/rl.json").read_text())["policy"] == "classic/models/rl"
+    overoptimization = json.loads((project / "classic/metrics/overoptimization.json").read_text())
+    for policy in ("sft", "rebel_learned_reward", "rebel_ifeval"):
+        assert overoptimization[policy]["responses"] == 8 and overoptimization[policy]["kl"] is not None
+        assert {"proxy_gain", "gold_gain", "agreement_pairwise_accuracy"} <= set(overoptimization[policy])
 
     def classic_md5s():
         lock = yaml.safe_load((project / "classic/dvc.lock").read_text())
@@ -388,10 +404,10 @@ def test_classic_variant_runs_sft_its_evaluation_and_the_reward_model_apart_from
     assert ran(run_dvc(project, "repro", "--force", "--single-item", sft).stdout) == {sft}
     assert classic_md5s() == before  # byte-identical rerun
     assert json.loads(run_dvc(project, "status", "--json", "dvc.yaml").stdout) == {}
-    set_param(project, "reward_model", "learning_rate", 5e-4)  # the reward model alone
-    assert ran(run_dvc(project, "repro", "classic/dvc.yaml").stdout) == {rm}
+    set_param(project, "reward_model", "learning_rate", 5e-4)  # the reward model and what it scores
+    assert ran(run_dvc(project, "repro", "classic/dvc.yaml").stdout) == {rm, *scored_by_rm}
     set_param(project, "sft", "learning_rate", 5e-4)  # the SFT policy and all that starts from it
-    assert ran(run_dvc(project, "repro", "classic/dvc.yaml").stdout) == {sft, evaluate, rm}
+    assert ran(run_dvc(project, "repro", "classic/dvc.yaml").stdout) == {sft, evaluate, rm, *rl}
     assert classic_md5s()["classic/models/sft"] != before["classic/models/sft"]
     # of the default pipeline only report, which logs every key of params.yaml to MLflow, is stale
     assert set(json.loads(run_dvc(project, "status", "--json", "dvc.yaml").stdout)) == {"report"}
