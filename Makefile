@@ -21,7 +21,8 @@ $(STAMP): pyproject.toml envs/cpu-constraints.txt envs/no-deps.txt
 repro: venv
 	$(RUN) dvc repro
 
-# The classic variant (classic/dvc.yaml: SFT, its evaluation), and what it reads of the default DAG.
+# The classic variant (classic/dvc.yaml: SFT, the reward model, REBEL against it, their evaluations), and
+# what it reads of the default DAG.
 repro-classic: venv
 	$(RUN) dvc repro classic/dvc.yaml
 
