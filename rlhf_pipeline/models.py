@@ -241,8 +241,12 @@ def load_tokenizer(model_dir: str | os.PathLike):
     return AutoTokenizer.from_pretrained(model_dir)
 
 
-def load_policy(model_dir: str | os.PathLike, dtype: torch.dtype, device: torch.device | None = None):
+def load_policy(model_dir: str | os.PathLike, dtype: torch.dtype, device: torch.device | None = None,
+                quantization_config=None):
     """Load a prepared policy folder for inference (eval mode), in ``dtype`` on ``device``.
+
+    ``quantization_config``: QLoRA's 4-bit base (``lora.quantization_config``), placed on ``device``
+    as it loads (a 4-bit model cannot be moved afterwards).
 
     Raises:
         PipelineError: ``model_dir`` has no config or weights.
@@ -253,5 +257,9 @@ def load_policy(model_dir: str | os.PathLike, dtype: torch.dtype, device: torch.
         raise PipelineError(f"{model_dir}: no model here (run the prepare_model stage first)")
     device = device or default_device()
     attn = _register_cpu_gqa_attention() if device.type == "cpu" else "sdpa"
+    if quantization_config is not None:
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn,
+                                                    quantization_config=quantization_config,
+                                                    device_map={"": device}).eval()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn)
     return model.to(device).eval()

@@ -167,6 +167,7 @@ class PairwiseTask:
         self.objective = objective
         self.name = objective.cfg.name
         self.limit_keys = "pairs.max_prompt_tokens / pairs.max_response_tokens"
+        self.params_section = "train"
         self.pad_id, self.temperature = pad_id, temperature
         self.prompts, self.chosen, self.rejected = (pairs.column(c).to_pylist()
                                                     for c in ("prompt_ids", "chosen_ids", "rejected_ids"))
@@ -231,6 +232,7 @@ class SftTask:
 
     name = "sft"
     limit_keys = "sft.max_tokens"
+    params_section = "sft"
     #: figures logged beside the loss: none (the loss itself is the NLL per response token)
     metric_names: tuple[str, ...] = ()
 
@@ -265,13 +267,19 @@ class SftTask:
         return total / tokens
 
 
-def load_reward_model_for_training(model_dir, dtype: torch.dtype, device: torch.device, pad_id: int):
+def load_reward_model_for_training(model_dir, dtype: torch.dtype, device: torch.device, pad_id: int,
+                                   quantization_config=None):
     """``AutoModelForSequenceClassification`` with one output from a policy folder: the policy's
     transformer and a new linear head on the last token (seeded by the caller's ``set_seed``), as
     InstructGPT's reward model starts from the SFT model (Ouyang et al. 2022, Sec. 3.5). The head
-    pools the last non-pad token, so ``pad_token_id`` is set in the config."""
+    pools the last non-pad token, so ``pad_token_id`` is set in the config. ``quantization_config``:
+    QLoRA's 4-bit base (``lora.quantization_config``), placed on ``device`` as it loads."""
     from transformers import AutoModelForSequenceClassification
 
+    if quantization_config is not None:
+        return AutoModelForSequenceClassification.from_pretrained(
+            model_dir, num_labels=1, dtype=dtype, pad_token_id=pad_id, quantization_config=quantization_config,
+            device_map={"": device})
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=dtype,
                                                                pad_token_id=pad_id)
     return model.to(device)
@@ -291,6 +299,9 @@ class RewardModelTask:
 
     name = "bradley_terry"
     limit_keys = "reward_model.max_tokens"
+    params_section = "reward_model"
+    #: peft's task type with LoRA: the new score head trains in full beside the factors
+    peft_task_type = "SEQ_CLS"
     #: held-in figures per update: how often r(x, y) > r(x, y'), and the mean r(x, y) − r(x, y')
     metric_names = ("accuracy", "margin")
 
@@ -303,8 +314,8 @@ class RewardModelTask:
         #: per pair, the longer of its two sequences (tokens): for length grouping and the context check
         self.lengths = [max(len(c), len(r)) for c, r in zip(chosen_ids, rejected_ids)]
 
-    def load_model(self, model_dir, dtype: torch.dtype, device: torch.device):
-        return load_reward_model_for_training(model_dir, dtype, device, self.pad_id)
+    def load_model(self, model_dir, dtype: torch.dtype, device: torch.device, quantization_config=None):
+        return load_reward_model_for_training(model_dir, dtype, device, self.pad_id, quantization_config)
 
     def tokens(self, idx: list[int]) -> int:
         """Tokens one forward pass over these pairs processes (both sides)."""

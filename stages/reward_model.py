@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from rlhf_pipeline.cli import peak_rss_mb, run_stage, stage_args
+from rlhf_pipeline.lora import check_quantization
 from rlhf_pipeline.models import default_device, load_tokenizer
 from rlhf_pipeline.objectives import RewardModelTask, load_reward_model_for_training
 from rlhf_pipeline.outputs import output_group, read_parquet, write_json, write_tsv
@@ -32,6 +33,7 @@ def main(argv=None) -> None:
     args = stage_args(argv, __doc__, "policy", "prompts", "generations", "scores", "sources", "out", "metrics", "log")
     params = load_params()
     cfg = params.reward_model
+    check_quantization(cfg.lora, "reward_model")
     tok = load_tokenizer(args.policy)
     if cfg.source == "generations":
         prompts = read_parquet(args.prompts, columns(PROMPTS))

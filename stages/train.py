@@ -11,6 +11,7 @@ from pathlib import Path
 
 from rlhf_pipeline.cli import peak_rss_mb, run_stage, stage_args
 from rlhf_pipeline.iterations import iteration_number, iteration_seed
+from rlhf_pipeline.lora import check_quantization
 from rlhf_pipeline.models import load_tokenizer
 from rlhf_pipeline.objectives import PairwiseTask, make_objective
 from rlhf_pipeline.outputs import output_group, read_parquet, write_json, write_tsv
@@ -23,6 +24,7 @@ from rlhf_pipeline.training import inputs_fingerprint, is_main_process, train_lo
 def main(argv=None) -> None:
     args = stage_args(argv, __doc__, "iteration", "policy", "pairs", "ref-logprobs", "out", "metrics", "log")
     params = load_params()
+    check_quantization(params.train.lora, "train")
     seed = iteration_seed(params.seed, iteration_number(args.iteration))
     pairs = read_parquet(args.pairs, columns(PAIRS, "prompt_id", "prompt_ids", "chosen_ids", "rejected_ids",
                                              "chosen_reward", "rejected_reward"))

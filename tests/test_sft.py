@@ -184,3 +184,70 @@ def test_heldout_loss_is_the_sft_loss_over_all_demonstrations(tiny_policy):
     assert whole.item() == pytest.approx(sft_loss(torch.tensor(response_logprobs(
         model, prompts, responses, tok.pad_token_id, 1.0, 8, progress=False)), torch.tensor(
         [float(len(r)) for r in responses])).item(), rel=1e-5)
+
+
+def _candidate(idx, text, reward, finish="stop"):
+    from rlhf_pipeline.pairs import Candidate
+
+    return Candidate(idx, text, reward, [], finish)
+
+
+def test_rejection_sampling_keeps_each_prompts_best_complete_response_above_the_threshold():
+    from rlhf_pipeline.demonstrations import rejection_sampling
+
+    prompts = {"a": "Say hi.", "b": "Count to 3.", "c": "Name a colour.", "d": "Be brief."}
+    responses = {
+        "b": [_candidate(0, "1 2", 0.5), _candidate(1, "1 2 3", 1.0), _candidate(2, "one two three", 1.0)],
+        "a": [_candidate(0, "hi", 0.25), _candidate(1, "hello there", 0.75)],
+        "c": [_candidate(0, "red", 0.0), _candidate(1, "blue blue blue", 2.0, "length")],  # best is cut: never kept
+        "d": [_candidate(0, "ok", 1.0, "length")],
+    }
+    convs, facts = rejection_sampling(responses, prompts, 0.75, "gens")
+    # prompt_id order; ties to the lowest response_idx; the prompt's chat turns, then the response
+    assert convs == [[{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hello there"}],
+                     [{"role": "user", "content": "Count to 3."}, {"role": "assistant", "content": "1 2 3"}]]
+    assert facts == {"source_prompts": 4, "prompts_below_min_reward": 1, "prompts_without_complete_response": 1}
+    with pytest.raises(PipelineError, match=r"sft.min_reward: no prompt of gens .* reward >= 1.5 \(best: 1.0\)"):
+        rejection_sampling(responses, prompts, 1.5, "gens")
+    with pytest.raises(PipelineError, match="gens: prompt 'a' is not among the prompts"):
+        rejection_sampling(responses, {"b": "x"}, 0.0, "gens")
+
+
+def test_sft_stage_on_its_own_best_responses(tiny_model_dir, tmp_path):
+    """The stage with sft.source rejection_sampling: iteration 1's best responses become the
+    demonstrations it trains on; the metrics count what was kept."""
+    import shutil
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import yaml
+
+    from conftest import REPO, stage_env
+    from rlhf_pipeline.schemas import GENERATIONS, PROMPTS, SCORES
+
+    shutil.copytree(tiny_model_dir, tmp_path / "models/base")
+    (tmp_path / "stages").symlink_to(REPO / "stages")
+    (tmp_path / "data/sources").mkdir(parents=True)
+    n = 12
+    pq.write_table(pa.Table.from_pylist([{"prompt_id": f"p{i:02d}", "prompt": f"Repeat {i}."} for i in range(n)],
+                                        schema=PROMPTS), tmp_path / "data/prompts.parquet")
+    gens = [{"prompt_id": f"p{i:02d}", "response_idx": k, "response": f"{i} " * (k + 1), "num_tokens": k + 2,
+             "finish_reason": "stop", "seed": k, "token_ids": [5] * (k + 2)} for i in range(n) for k in range(2)]
+    pq.write_table(pa.Table.from_pylist(gens, schema=GENERATIONS), tmp_path / "data/generations.parquet")
+    scores = [{"prompt_id": g["prompt_id"], "response_idx": g["response_idx"],
+               "reward": float(g["response_idx"] == 1 and int(g["prompt_id"][1:]) < 10)} for g in gens]
+    pq.write_table(pa.Table.from_pylist(scores, schema=SCORES), tmp_path / "data/scores.parquet")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["sft"].update(source="rejection_sampling", min_reward=1.0, num_demonstrations=None, val_size=2,
+                         learning_rate=1e-3, dtype="float32", per_device_eval_batch_size=4)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    cmd = [sys.executable, "-m", "stages.sft", "--policy", "models/base", "--sources", "data/sources", "--prompts",
+           "data/prompts.parquet", "--generations", "data/generations.parquet", "--scores", "data/scores.parquet",
+           "--out", "models/sft", "--metrics", "metrics/sft.json", "--log", "metrics/sft.tsv"]
+    subprocess.run(cmd, cwd=tmp_path, env=stage_env(), check=True, capture_output=True)
+    metrics = json.loads((tmp_path / "metrics/sft.json").read_text())
+    assert (metrics["source_prompts"], metrics["prompts_below_min_reward"]) == (n, 2)
+    assert (metrics["train_demonstrations"], metrics["val_demonstrations"]) == (8, 2)
+    assert metrics["updates"] == 2 and (tmp_path / "models/sft/model.safetensors").is_file()
