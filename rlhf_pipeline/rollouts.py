@@ -1,0 +1,189 @@
+"""Rollouts of online RL: sample with the current policy, score, and take per-token log-probs.
+
+One rollout step samples ``sampling.num_responses`` responses per prompt from the policy being
+trained with the project's seeded sampler (``generation.generate_transformers``: a seed per
+response, recorded), scores them with the configured scorers (verifiable rewards or a learned
+reward model, the missing-EOS penalty as in ``score``), and computes the per-token log-probs of
+every response under the sampling policy and the reference policy. The result holds the tensors
+the online objectives need (``advantages``, ``policy_gradient``) and writes itself as a Parquet
+table (:data:`ROLLOUTS`) so a run can be audited and replayed.
+
+Per-token tensors are (responses, T): row i's response tokens at positions 0..len_i−1, then
+padding, with ``mask`` 1.0 on the tokens (``advantages``' layout). Rows are sorted by
+(prompt_id, response_idx), so a prompt's k responses are k consecutive rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import pyarrow as pa
+import torch
+
+from rlhf_pipeline.errors import PipelineError
+
+_IDS = pa.list_(pa.int32())
+
+#: one row per response of one rollout step; log-probs in nats, per token, in sampling order
+ROLLOUTS = pa.schema([
+    ("step", pa.int32()),
+    ("prompt_id", pa.string()),
+    ("response_idx", pa.int32()),
+    ("seed", pa.int64()),
+    ("response", pa.string()),
+    ("token_ids", _IDS),
+    ("finish_reason", pa.string()),
+    ("score", pa.float64()),           # the scorers' weighted sum
+    ("reward", pa.float64()),          # less the missing-EOS penalty: what the objective sees
+    ("logprobs", pa.list_(pa.float32())),
+    ("ref_logprobs", pa.list_(pa.float32())),
+    ("kl", pa.float64()),              # Σ_t (log πθ_old − log π_ref), the sequence log-ratio
+])
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The seed a rollout step passes to the sampler: 31 bits of SHA-256 of ``seed:rollout:step``,
+    so each step draws fresh responses and a rerun draws the same ones."""
+    digest = hashlib.sha256(f"{seed}:rollout:{step}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % (2**31 - 1)
+
+
+def token_logprobs(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+                   temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log πθ(y_t | x, y_<t) of each response, logits divided by ``temperature``,
+    left-aligned. One forward pass (a micro-batch); gradients flow outside ``torch.no_grad``.
+
+    Returns:
+        (logprobs (batch, T) float32, mask (batch, T) float32), T the longest response, both on the
+        model's device; ``logprobs`` is 0 where ``mask`` is 0. Summed over t, the row equals
+        ``logprobs.sequence_logprobs`` of the same row.
+    """
+    from rlhf_pipeline.logprobs import _response_logits  # the shared forward pass of every log-prob
+
+    logits, targets, resp = _response_logits(model, prompts, responses, pad_id, temperature)
+    token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    first = min(len(p) for p in prompts)
+    longest = max(len(r) for r in responses)
+    offsets = torch.tensor([len(p) - first for p in prompts], device=token_logps.device)
+    index = (offsets[:, None] + torch.arange(longest, device=token_logps.device)[None, :])
+    index = index.clamp(max=token_logps.shape[1] - 1)
+    lengths = torch.tensor([len(r) for r in responses], device=token_logps.device)
+    mask = (torch.arange(longest, device=token_logps.device)[None, :] < lengths[:, None]).float()
+    return token_logps.gather(1, index) * mask, mask
+
+
+@torch.no_grad()
+def batched_token_logprobs(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+                           temperature: float, batch_size: int) -> torch.Tensor:
+    """No-grad :func:`token_logprobs` of many rows, micro-batched by length.
+
+    Returns:
+        (rows, T) float32 on the CPU, T the longest response of all rows, 0 after each response.
+    """
+    from rlhf_pipeline.logprobs import length_grouped_batches
+
+    out = torch.zeros(len(prompts), max(len(r) for r in responses))
+    for idx in length_grouped_batches([len(p) + len(r) for p, r in zip(prompts, responses)], batch_size):
+        logps, _ = token_logprobs(model, [prompts[i] for i in idx], [responses[i] for i in idx], pad_id, temperature)
+        out[idx, : logps.shape[1]] = logps.float().cpu()
+    return out
+
+
+@dataclass
+class Rollouts:
+    """One step's responses, sorted by (prompt_id, response_idx), with what the objectives need."""
+
+    step: int
+    prompt_ids: list[str]
+    response_idx: list[int]
+    seeds: list[int]
+    texts: list[str]
+    finish_reasons: list[str]
+    prompt_tokens: list[list[int]]
+    response_tokens: list[list[int]]
+    scores: torch.Tensor        # (n,) the scorers' weighted sum
+    rewards: torch.Tensor       # (n,) less the missing-EOS penalty
+    logprobs: torch.Tensor      # (n, T) under the sampling policy πθ_old, nats
+    ref_logprobs: torch.Tensor  # (n, T) under the reference policy, nats
+    mask: torch.Tensor          # (n, T)
+
+    @property
+    def kl(self) -> torch.Tensor:
+        """(n,) Σ_t (log πθ_old − log π_ref) per response, nats: an unbiased estimate of the sequence
+        KL(πθ_old ‖ π_ref) (the responses are sampled from πθ_old)."""
+        return ((self.logprobs - self.ref_logprobs) * self.mask).sum(1)
+
+    def groups(self, values: torch.Tensor) -> torch.Tensor:
+        """(n,) values as (prompts, k): a prompt's k responses in one row.
+
+        Raises:
+            PipelineError: the prompts do not all have the same number of responses.
+        """
+        counts = {pid: self.prompt_ids.count(pid) for pid in dict.fromkeys(self.prompt_ids)}
+        if len(set(counts.values())) != 1:
+            raise PipelineError(f"rollout step {self.step}: prompts have different numbers of responses {counts}")
+        return values.reshape(len(counts), -1)
+
+    def table(self) -> pa.Table:
+        """The step's :data:`ROLLOUTS` rows."""
+        lengths = self.mask.sum(1).long().tolist()
+        return pa.Table.from_pydict({
+            "step": [self.step] * len(self.prompt_ids), "prompt_id": self.prompt_ids,
+            "response_idx": self.response_idx, "seed": self.seeds, "response": self.texts,
+            "token_ids": self.response_tokens, "finish_reason": self.finish_reasons,
+            "score": self.scores.tolist(), "reward": self.rewards.tolist(),
+            "logprobs": [row[:n] for row, n in zip(self.logprobs.tolist(), lengths)],
+            "ref_logprobs": [row[:n] for row, n in zip(self.ref_logprobs.tolist(), lengths)],
+            "kl": self.kl.tolist(),
+        }, schema=ROLLOUTS)
+
+
+def collect_rollouts(policy, reference, tokenizer, prompts: pa.Table, sampling, scorers, seed: int, step: int,
+                     missing_eos_penalty: float | None, logprob_batch_size: int, progress: bool = False) -> Rollouts:
+    """Sample, score and take the log-probs of one rollout step.
+
+    Args:
+        policy: the policy being trained (its current weights sample). reference: π_ref, or None
+            (then ``ref_logprobs`` are zeros: objectives without a KL term).
+        prompts: the step's prompts (``schemas.PROMPTS`` and whatever its scorers need).
+        sampling: ``params.SamplingParams`` (num_responses, batch_size, max_new_tokens,
+            temperature, top_p); log-probs are taken at its temperature.
+        scorers: ``rewards.Scorers``, built once per stage.
+        seed, step: the responses' seeds derive from both (:func:`step_seed`).
+        missing_eos_penalty: subtracted from the reward of a response cut at ``max_new_tokens``.
+
+    Raises:
+        PipelineError: no prompts, a scorer lacking what it needs, a non-finite reward.
+    """
+    from rlhf_pipeline.chat import prompt_token_ids
+    from rlhf_pipeline.generation import generate_transformers
+    from rlhf_pipeline.rewards import penalize_missing_eos, score_responses
+
+    if prompts.num_rows == 0:
+        raise PipelineError(f"rollout step {step}: no prompts")
+    texts = dict(zip(prompts.column("prompt_id").to_pylist(), prompts.column("prompt").to_pylist()))
+    was_training = policy.training
+    policy.eval()
+    responses = generate_transformers(policy, tokenizer, sorted(texts.items()), sampling, step_seed(seed, step),
+                                      progress=progress)
+    policy.train(was_training)
+    responses.sort(key=lambda r: (r.prompt_id, r.response_idx))
+    rows = [(r.prompt_id, r.response_idx, r.response) for r in responses]
+    scored, _ = score_responses(rows, prompts, scorers, f"rollout step {step}", progress=progress)
+    finish = [r.finish_reason for r in responses]
+    scores = torch.tensor(scored.column("reward").to_pylist(), dtype=torch.float64)
+    rewards = torch.tensor(penalize_missing_eos(scored, finish, missing_eos_penalty).column("reward").to_pylist(),
+                           dtype=torch.float64)
+    prompt_ids = {pid: prompt_token_ids(tokenizer, text) for pid, text in texts.items()}
+    p_tokens = [prompt_ids[r.prompt_id] for r in responses]
+    r_tokens = [r.token_ids for r in responses]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    logprobs = batched_token_logprobs(policy, p_tokens, r_tokens, pad_id, sampling.temperature, logprob_batch_size)
+    ref = (batched_token_logprobs(reference, p_tokens, r_tokens, pad_id, sampling.temperature, logprob_batch_size)
+           if reference is not None else torch.zeros_like(logprobs))
+    lengths = torch.tensor([len(t) for t in r_tokens])
+    mask = (torch.arange(logprobs.shape[1])[None, :] < lengths[:, None]).float()
+    return Rollouts(step, [r.prompt_id for r in responses], [r.response_idx for r in responses],
+                    [r.seed for r in responses], [r.response for r in responses], finish, p_tokens, r_tokens,
+                    scores, rewards, logprobs, ref, mask)
