@@ -5,10 +5,8 @@ QLoRA fails at once where it cannot run."""
 
 import json
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -21,7 +19,8 @@ from rlhf_pipeline.lora import ADAPTER_DIR, check_quantization
 from rlhf_pipeline.models import load_policy
 from rlhf_pipeline.params import LoraParams, RewardModelParams, TrainParams
 from rlhf_pipeline.training import inputs_fingerprint
-from test_training import CHECKPOINTS, TRAIN, reference, run_training, stage_dir, synthetic_pairs
+from test_training import (TRAIN, kill_at_first_checkpoint_then_resume, reference, run_training, stage_dir,
+                           synthetic_pairs)
 
 CPU = torch.device("cpu")
 
@@ -163,15 +162,7 @@ def test_killed_lora_training_with_dropout_resumes_to_the_same_bytes(tmp_path, t
     whole = project("whole")
     subprocess.run(cmd, cwd=whole, env=stage_env(), check=True, capture_output=True)
     cut = project("cut")
-    proc = subprocess.Popen(cmd, cwd=cut, env=stage_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = cut / CHECKPOINTS / "latest/fingerprint"
-    deadline = time.time() + 300
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert marker.exists() and not (cut / "models/policy").exists()
-    subprocess.run(cmd, cwd=cut, env=stage_env(), check=True, capture_output=True)
+    kill_at_first_checkpoint_then_resume(cmd, cut)
     assert 0 < json.loads((cut / "metrics/train.json").read_text())["resumed_from_update"] < updates
     for f in ("model.safetensors", f"{ADAPTER_DIR}/adapter_model.safetensors"):
         assert (cut / "models/policy" / f).read_bytes() == (whole / "models/policy" / f).read_bytes(), f

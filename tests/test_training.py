@@ -134,6 +134,20 @@ def stage_dir(root, tiny_model_dir, tiny_policy, updates):
     return root
 
 
+def kill_at_first_checkpoint_then_resume(cmd: list[str], project) -> None:
+    """Start the train stage in ``project``, SIGKILL it once its first checkpoint is in place
+    (before any model is written), then run it again to the end."""
+    proc = subprocess.Popen(cmd, cwd=project, env=stage_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = project / CHECKPOINTS / "latest/fingerprint"
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert marker.exists() and not (project / "models/policy").exists()
+    subprocess.run(cmd, cwd=project, env=stage_env(), check=True, capture_output=True)
+
+
 def test_killed_training_resumes_to_the_same_weights(tmp_path, tiny_model_dir, tiny_policy):
     updates = 40
     whole = stage_dir(tmp_path / "whole", tiny_model_dir, tiny_policy, updates)
@@ -141,15 +155,7 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path, tiny_model_dir, t
     subprocess.run(cmd, cwd=whole, env=stage_env(), check=True, capture_output=True)
 
     cut = stage_dir(tmp_path / "cut", tiny_model_dir, tiny_policy, updates)
-    proc = subprocess.Popen(cmd, cwd=cut, env=stage_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = cut / CHECKPOINTS / "latest/fingerprint"
-    deadline = time.time() + 300
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert marker.exists() and not (cut / "models/policy").exists()
-    subprocess.run(cmd, cwd=cut, env=stage_env(), check=True, capture_output=True)
+    kill_at_first_checkpoint_then_resume(cmd, cut)
 
     metrics = json.loads((cut / "metrics/train.json").read_text())
     assert 0 < metrics["resumed_from_update"] < updates
