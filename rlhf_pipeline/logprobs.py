@@ -1,4 +1,5 @@
-"""Summed response log-probs of a causal LM, with dynamic padding per micro-batch.
+"""Response log-probs of a causal LM (summed, or per token for online RL), with dynamic padding per
+micro-batch.
 
 Used for the reference policy π0 once (``ref_logprobs`` stage) and for the policy πθ in every
 training step. Prompt and response are concatenated per row and right-padded only to the longest
@@ -58,6 +59,11 @@ def _response_logits(model, prompts: list[list[int]], responses: list[list[int]]
     return logits[:, :-1].float() / temperature, ids[:, first:], resp[:, first:]
 
 
+def _picked_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits) at ``targets``: (batch, width, vocab), (batch, width) -> (batch, width)."""
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
 def sequence_logprobs(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
                       temperature: float = 1.0) -> torch.Tensor:
     """Sum over response tokens of log πθ(token | prefix), logits divided by ``temperature``.
@@ -72,8 +78,31 @@ def sequence_logprobs(model, prompts: list[list[int]], responses: list[list[int]
         when called outside ``torch.no_grad``.
     """
     logits, targets, mask = _response_logits(model, prompts, responses, pad_id, temperature)
-    token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    return (token_logps * mask).sum(-1)
+    return (_picked_logprobs(logits, targets) * mask).sum(-1)
+
+
+def token_logprobs(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+                   temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log πθ(y_t | x, y_<t) of each response, logits divided by ``temperature``,
+    left-aligned (online RL's per-token layout, ``rlhf_pipeline.advantages``). One forward pass (a
+    micro-batch); gradients flow outside ``torch.no_grad``.
+
+    Returns:
+        (logprobs (batch, T) float32, mask (batch, T) float32), T the longest response, both on the
+        model's device; ``logprobs`` is 0 where ``mask`` is 0. Summed over t, a row equals
+        :func:`sequence_logprobs` of the same row.
+    """
+    logits, targets, _ = _response_logits(model, prompts, responses, pad_id, temperature)
+    token_logps = _picked_logprobs(logits, targets)
+    device = token_logps.device
+    first = min(len(p) for p in prompts)
+    longest = max(len(r) for r in responses)
+    # row i's response starts len(prompt_i) - first columns into the logits kept
+    offsets = torch.tensor([len(p) - first for p in prompts], device=device)
+    positions = torch.arange(longest, device=device)
+    index = (offsets[:, None] + positions[None, :]).clamp(max=token_logps.shape[1] - 1)
+    mask = (positions[None, :] < torch.tensor([len(r) for r in responses], device=device)[:, None]).float()
+    return token_logps.gather(1, index) * mask, mask
 
 
 @torch.no_grad()
@@ -157,6 +186,21 @@ def response_logprobs(model, prompts: list[list[int]], responses: list[list[int]
                                        pad_id, temperature)
         for i, v in zip(idx, values.tolist()):
             out[i] = v
+    return out
+
+
+@torch.no_grad()
+def batched_token_logprobs(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+                           temperature: float, batch_size: int) -> torch.Tensor:
+    """No-grad :func:`token_logprobs` of many rows, micro-batched by length.
+
+    Returns:
+        (rows, T) float32 on the CPU, T the longest response of all rows, 0 after each response.
+    """
+    out = torch.zeros(len(prompts), max(len(r) for r in responses))
+    for idx in length_grouped_batches([len(p) + len(r) for p, r in zip(prompts, responses)], batch_size):
+        logps, _ = token_logprobs(model, [prompts[i] for i in idx], [responses[i] for i in idx], pad_id, temperature)
+        out[idx, : logps.shape[1]] = logps.float().cpu()
     return out
 
 

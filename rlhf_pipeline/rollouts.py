@@ -6,7 +6,7 @@ response, recorded), scores them with the configured scorers (verifiable rewards
 reward model, the missing-EOS penalty as in ``score``), and computes the per-token log-probs of
 every response under the sampling policy and the reference policy. The result holds the tensors
 the online objectives need (``advantages``, ``policy_gradient``) and writes itself as a Parquet
-table (:data:`ROLLOUTS`) so a run can be audited and replayed.
+table (``schemas.ROLLOUTS``) so a run can be audited and replayed.
 
 Per-token tensors are (responses, T): row i's response tokens at positions 0..len_i−1, then
 padding, with ``mask`` 1.0 on the tokens (``advantages``' layout). Rows are sorted by
@@ -22,24 +22,7 @@ import pyarrow as pa
 import torch
 
 from rlhf_pipeline.errors import PipelineError
-
-_IDS = pa.list_(pa.int32())
-
-#: one row per response of one rollout step; log-probs in nats, per token, in sampling order
-ROLLOUTS = pa.schema([
-    ("step", pa.int32()),
-    ("prompt_id", pa.string()),
-    ("response_idx", pa.int32()),
-    ("seed", pa.int64()),
-    ("response", pa.string()),
-    ("token_ids", _IDS),
-    ("finish_reason", pa.string()),
-    ("score", pa.float64()),           # the scorers' weighted sum
-    ("reward", pa.float64()),          # less the missing-EOS penalty: what the objective sees
-    ("logprobs", pa.list_(pa.float32())),
-    ("ref_logprobs", pa.list_(pa.float32())),
-    ("kl", pa.float64()),              # Σ_t (log πθ_old − log π_ref), the sequence log-ratio
-])
+from rlhf_pipeline.schemas import ROLLOUTS
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -47,47 +30,6 @@ def step_seed(seed: int, step: int) -> int:
     so each step draws fresh responses and a rerun draws the same ones."""
     digest = hashlib.sha256(f"{seed}:rollout:{step}".encode()).digest()
     return int.from_bytes(digest[:8], "big") % (2**31 - 1)
-
-
-def token_logprobs(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
-                   temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log πθ(y_t | x, y_<t) of each response, logits divided by ``temperature``,
-    left-aligned. One forward pass (a micro-batch); gradients flow outside ``torch.no_grad``.
-
-    Returns:
-        (logprobs (batch, T) float32, mask (batch, T) float32), T the longest response, both on the
-        model's device; ``logprobs`` is 0 where ``mask`` is 0. Summed over t, the row equals
-        ``logprobs.sequence_logprobs`` of the same row.
-    """
-    from rlhf_pipeline.logprobs import _response_logits  # the shared forward pass of every log-prob
-
-    logits, targets, resp = _response_logits(model, prompts, responses, pad_id, temperature)
-    token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    first = min(len(p) for p in prompts)
-    longest = max(len(r) for r in responses)
-    offsets = torch.tensor([len(p) - first for p in prompts], device=token_logps.device)
-    index = (offsets[:, None] + torch.arange(longest, device=token_logps.device)[None, :])
-    index = index.clamp(max=token_logps.shape[1] - 1)
-    lengths = torch.tensor([len(r) for r in responses], device=token_logps.device)
-    mask = (torch.arange(longest, device=token_logps.device)[None, :] < lengths[:, None]).float()
-    return token_logps.gather(1, index) * mask, mask
-
-
-@torch.no_grad()
-def batched_token_logprobs(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
-                           temperature: float, batch_size: int) -> torch.Tensor:
-    """No-grad :func:`token_logprobs` of many rows, micro-batched by length.
-
-    Returns:
-        (rows, T) float32 on the CPU, T the longest response of all rows, 0 after each response.
-    """
-    from rlhf_pipeline.logprobs import length_grouped_batches
-
-    out = torch.zeros(len(prompts), max(len(r) for r in responses))
-    for idx in length_grouped_batches([len(p) + len(r) for p, r in zip(prompts, responses)], batch_size):
-        logps, _ = token_logprobs(model, [prompts[i] for i in idx], [responses[i] for i in idx], pad_id, temperature)
-        out[idx, : logps.shape[1]] = logps.float().cpu()
-    return out
 
 
 @dataclass
@@ -126,7 +68,7 @@ class Rollouts:
         return values.reshape(len(counts), -1)
 
     def table(self) -> pa.Table:
-        """The step's :data:`ROLLOUTS` rows."""
+        """The step's ``schemas.ROLLOUTS`` rows."""
         lengths = self.mask.sum(1).long().tolist()
         return pa.Table.from_pydict({
             "step": [self.step] * len(self.prompt_ids), "prompt_id": self.prompt_ids,
@@ -158,6 +100,7 @@ def collect_rollouts(policy, reference, tokenizer, prompts: pa.Table, sampling, 
     """
     from rlhf_pipeline.chat import prompt_token_ids
     from rlhf_pipeline.generation import generate_transformers
+    from rlhf_pipeline.logprobs import batched_token_logprobs
     from rlhf_pipeline.rewards import penalize_missing_eos, score_responses
 
     if prompts.num_rows == 0:

@@ -48,6 +48,23 @@ PAIRS = pa.schema([
 REF_LOGPROBS = pa.schema([("prompt_id", pa.string()), ("chosen_logprob", pa.float64()),
                           ("rejected_logprob", pa.float64())])
 
+#: an online stage's rollouts: one row per response of one rollout step (``rollouts.Rollouts.table``);
+#: log-probs in nats, per token, in sampling order.
+ROLLOUTS = pa.schema([
+    ("step", pa.int32()),
+    ("prompt_id", pa.string()),
+    ("response_idx", pa.int32()),
+    ("seed", pa.int64()),
+    ("response", pa.string()),
+    ("token_ids", _IDS),
+    ("finish_reason", pa.string()),
+    ("score", pa.float64()),           # the scorers' weighted sum
+    ("reward", pa.float64()),          # less the missing-EOS penalty: what the objective sees
+    ("logprobs", pa.list_(pa.float32())),
+    ("ref_logprobs", pa.list_(pa.float32())),
+    ("kl", pa.float64()),              # Σ_t (log πθ_old − log π_ref), the sequence log-ratio
+])
+
 
 def columns(schema: pa.Schema, *names: str) -> dict[str, pa.DataType]:
     """``{name: type}`` of the named columns of ``schema`` (all of them if none are named): what a

@@ -6,10 +6,11 @@ import torch
 
 from rlhf_pipeline.chat import prompt_token_ids
 from rlhf_pipeline.generation import response_seed
-from rlhf_pipeline.logprobs import sequence_logprobs
+from rlhf_pipeline.logprobs import batched_token_logprobs, sequence_logprobs, token_logprobs
 from rlhf_pipeline.params import RewardParams, SamplingParams
 from rlhf_pipeline.rewards import Scorers
-from rlhf_pipeline.rollouts import ROLLOUTS, batched_token_logprobs, collect_rollouts, step_seed, token_logprobs
+from rlhf_pipeline.rollouts import collect_rollouts, step_seed
+from rlhf_pipeline.schemas import ROLLOUTS
 
 PROMPTS = pa.table({"prompt_id": ["b", "a", "c"],
                     "prompt": ["Write one word.", "Say hello to the world in a short sentence.", "Count to three."]})
