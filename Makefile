@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # Stage commands run `python`; put the project's environment first on PATH.
 RUN    := PATH="$(BIN):$$PATH" HF_HUB_DISABLE_TELEMETRY=1
 
-.PHONY: venv repro repro-classic test check-repro check-repro-ci bench clean-venv
+.PHONY: venv repro repro-classic repro-online test check-repro check-repro-ci bench clean-venv
 
 venv: $(STAMP)
 
@@ -25,6 +25,11 @@ repro: venv
 # what it reads of the default DAG.
 repro-classic: venv
 	$(RUN) dvc repro classic/dvc.yaml
+
+# Online RL (online/dvc.yaml: PPO, GRPO, online REBEL … from the base policy, their evaluations and
+# one MLflow run comparing them with the offline REBEL), and what it reads of the default DAG.
+repro-online: venv
+	$(RUN) dvc repro online/dvc.yaml
 
 test: venv
 	$(RUN) HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python -m pytest -q -n auto --dist loadfile --durations=15

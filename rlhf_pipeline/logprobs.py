@@ -48,6 +48,13 @@ def _response_logits(model, prompts: list[list[int]], responses: list[list[int]]
         ``targets[:, t]``; targets (batch, width) token ids; mask (batch, width), 1 where the
         target is a response token. ``width`` starts at the shortest prompt's first response token.
     """
+    out, targets, mask = _response_forward(model, prompts, responses, pad_id)
+    return out.logits[:, :-1].float() / temperature, targets, mask
+
+
+def _response_forward(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int):
+    """The model's output on the kept positions (``logits_to_keep``: from the shortest prompt's last
+    token on), with the targets and response mask of :func:`_response_logits`."""
     ids, attn, resp = pad_sequences(prompts, responses, pad_id)
     device = next(model.parameters()).device  # works through DDP/DeepSpeed wrappers too
     ids, attn, resp = ids.to(device), attn.to(device), resp.to(device)
@@ -55,8 +62,23 @@ def _response_logits(model, prompts: list[list[int]], responses: list[list[int]]
     # shared prompt prefix (the vocabulary projection is the largest matmul of a small model).
     first = min(len(p) for p in prompts)
     keep = ids.shape[1] - first + 1
-    logits = model(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits  # (batch, keep, vocab)
-    return logits[:, :-1].float() / temperature, ids[:, first:], resp[:, first:]
+    out = model(input_ids=ids, attention_mask=attn, logits_to_keep=keep)  # logits (batch, keep, vocab)
+    return out, ids[:, first:], resp[:, first:]
+
+
+def _left_align(per_position: torch.Tensor, prompts: list[list[int]], responses: list[list[int]]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch, width) values at the kept positions (column t predicts the token at ``first + t``) ->
+    (values (batch, T), mask (batch, T)): row i's response tokens at 0..len_i−1, 0 after."""
+    device = per_position.device
+    first = min(len(p) for p in prompts)
+    longest = max(len(r) for r in responses)
+    # row i's response starts len(prompt_i) - first columns into the logits kept
+    offsets = torch.tensor([len(p) - first for p in prompts], device=device)
+    positions = torch.arange(longest, device=device)
+    index = (offsets[:, None] + positions[None, :]).clamp(max=per_position.shape[1] - 1)
+    mask = (positions[None, :] < torch.tensor([len(r) for r in responses], device=device)[:, None]).float()
+    return per_position.gather(1, index) * mask, mask
 
 
 def _picked_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -93,16 +115,24 @@ def token_logprobs(model, prompts: list[list[int]], responses: list[list[int]], 
         :func:`sequence_logprobs` of the same row.
     """
     logits, targets, _ = _response_logits(model, prompts, responses, pad_id, temperature)
-    token_logps = _picked_logprobs(logits, targets)
-    device = token_logps.device
-    first = min(len(p) for p in prompts)
-    longest = max(len(r) for r in responses)
-    # row i's response starts len(prompt_i) - first columns into the logits kept
-    offsets = torch.tensor([len(p) - first for p in prompts], device=device)
-    positions = torch.arange(longest, device=device)
-    index = (offsets[:, None] + positions[None, :]).clamp(max=token_logps.shape[1] - 1)
-    mask = (positions[None, :] < torch.tensor([len(r) for r in responses], device=device)[:, None]).float()
-    return token_logps.gather(1, index) * mask, mask
+    return _left_align(_picked_logprobs(logits, targets), prompts, responses)
+
+
+def token_logprobs_and_values(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+                              temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`token_logprobs` and the value model's V(s_t) from one forward pass of a policy-and-value
+    module (``online.PolicyAndValue``, whose output has ``values`` (batch, kept positions) beside
+    ``logits``): V(s_t) is read where the policy's logits for y_t are, at the last token of x, y_<t.
+
+    Returns:
+        (logprobs (batch, T) nats, values (batch, T) reward units, mask (batch, T)), 0 after each
+        response; gradients flow to both models outside ``torch.no_grad``.
+    """
+    out, targets, _ = _response_forward(model, prompts, responses, pad_id)
+    logps, mask = _left_align(_picked_logprobs(out.logits[:, :-1].float() / temperature, targets), prompts,
+                              responses)
+    values, _ = _left_align(out.values[:, :-1].float(), prompts, responses)
+    return logps, values, mask
 
 
 @torch.no_grad()

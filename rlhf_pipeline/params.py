@@ -290,6 +290,106 @@ class TrainParams(OptimizerParams):
         "float32 (bench/logprob_precision.py), as large as the reward gaps it regresses on")
 
 
+class PpoAlgorithm(_Section):
+    """PPO for RLHF (Schulman et al. 2017; Ziegler et al. 2019; Ouyang et al. 2022): per-token reward
+    −β·(log πθ_old − log π_ref) with the score at the last token, GAE, clipped surrogate and clipped
+    value loss, a separate value model (a critic started from the policy)."""
+
+    name: Literal["ppo"]
+    clip: Number = Field(0.2, gt=0, description="ε of the clipped surrogate (TRL's cliprange)")
+    clip_value: Number = Field(0.2, gt=0, description="ε_v: the value is clipped to V_old ± ε_v (TRL's cliprange_value)")
+    vf_coef: Number = Field(0.1, ge=0, description="weight of the value loss in the one loss (TRL's vf_coef)")
+    gamma: Number = Field(1.0, ge=0, le=1, description="GAE discount γ")
+    lam: Number = Field(0.95, ge=0, le=1, description="GAE λ")
+    whiten_advantages: Bool = Field(True, description="standardise the advantages over each rollout step")
+    kl_coef: Number = Field(0.05, ge=0, description="β of the per-token KL penalty (the initial β when adaptive)")
+    kl_target: Number | None = Field(None, gt=0, description="adaptive KL controller (Ziegler et al. 2019): the "
+                                     "target KL per response, nats; null: β fixed")
+    kl_horizon: Int = Field(10_000, gt=0, description="adaptive KL controller's horizon, responses")
+
+
+class RlooAlgorithm(_Section):
+    """RLOO (Ahmadian et al. 2024): the leave-one-out baseline over a prompt's k responses, on the
+    sequence reward less β·KL, with PPO's clipped ratio (as TRL's RLOOTrainer)."""
+
+    name: Literal["rloo"]
+    clip: Number = Field(0.2, gt=0, description="ε of the clipped ratio")
+    kl_coef: Number = Field(0.05, ge=0, description="β: the sequence reward is the score less β·KL(πθ_old ‖ π_ref)")
+
+
+class GrpoAlgorithm(_Section):
+    """GRPO (Shao et al. 2024): group-normalised advantages of the score, clipped ratio, k3 KL to
+    π_ref in the loss."""
+
+    name: Literal["grpo"]
+    clip: Number = Field(0.2, gt=0, description="ε of the clipped ratio")
+    beta: Number = Field(0.04, ge=0, description="β of the k3 KL term in the loss (TRL's beta)")
+
+
+class OnlineRebelAlgorithm(_Section):
+    """Online REBEL (Gao et al. 2024, Algorithm 1 with fresh samples every step): a prompt's responses
+    in pairs, regression of the relative log-ratio to the sampling policy onto the relative reward
+    (the score less β·KL to π_ref, as the REBEL reference's online scripts)."""
+
+    name: Literal["rebel"]
+    eta: Number = Field(1.0, gt=0, description="REBEL η")
+    kl_coef: Number = Field(0.05, ge=0, description="β: the reward is the score less β·KL(πθ_old ‖ π_ref)")
+
+
+#: ``online.algorithms.<key>``: one params model per online algorithm, picked by ``name``.
+OnlineAlgorithm = Annotated[Union[PpoAlgorithm, RlooAlgorithm, GrpoAlgorithm, OnlineRebelAlgorithm],
+                            Field(discriminator="name")]
+
+
+def _default_online_algorithms() -> dict:
+    return {"ppo": PpoAlgorithm(name="ppo"), "grpo": GrpoAlgorithm(name="grpo"),
+            "rebel": OnlineRebelAlgorithm(name="rebel")}
+
+
+class OnlineParams(OptimizerParams):
+    """Online RL (``online/dvc.yaml``): every rollout step samples the current policy on
+    ``prompts_per_step`` train prompts, scores the responses (``reward``), and optimises
+    ``num_ppo_epochs`` passes over them in minibatches of ``per_device_train_batch_size ×
+    gradient_accumulation_steps`` examples (responses; pairs for rebel). One stage per item of
+    ``algorithms``; the reference policy π_ref is the base policy."""
+
+    algorithms: dict[str, OnlineAlgorithm] = Field(
+        default_factory=_default_online_algorithms, min_length=1,
+        description="{key: {name: ppo|rloo|grpo|rebel, ...}}: one online_train stage per key")
+    rollout_steps: Int = Field(8, ge=1, description="rollout steps, each followed by its updates")
+    prompts_per_step: Int = Field(8, ge=1, description="train prompts per rollout step (a seeded permutation, "
+                                  "cycled)")
+    num_responses: Int = Field(2, ge=2, description="responses per prompt and step (k of RLOO/GRPO; rebel pairs "
+                               "them, so an even number)")
+    num_ppo_epochs: Int = Field(1, ge=1, description="passes over each rollout step's examples")
+    max_new_tokens: Int = Field(256, gt=0, description="tokens")
+    temperature: Number = Field(0.8, gt=0, description="sampling temperature; log-probs are taken at it")
+    top_p: Number = Field(1.0, gt=0, le=1, description="1.0: the policy's own distribution, which the "
+                          "policy-gradient estimators assume")
+    generation_batch_size: Int = Field(64, gt=0, description="sequences decoded together")
+    logprob_batch_size: Int = Field(8, gt=0, description="sequences per no-grad forward pass (log-probs, values)")
+    learning_rate: Number = Field(3e-5, gt=0)
+    per_device_train_batch_size: Int = Field(4, ge=1, description="examples per micro-batch")
+    gradient_accumulation_steps: Int = Field(2, ge=1, description="micro-batches per update (minibatch)")
+    warmup_ratio: Number = Field(0.0, ge=0, lt=1)
+    save_every: Int = Field(4, ge=1, description="updates between resumable checkpoints")
+    epochs: Literal[1] = Field(1, description="not used: the updates are rollout_steps × num_ppo_epochs passes")
+    total_episodes: Int | None = Field(None, description="leave null: the stage sets it from rollout_steps, "
+                                       "prompts_per_step, num_responses and num_ppo_epochs")
+    dtype: Dtype = Field("float32", description="of training and of the rollouts' log-probs (as train.dtype)")
+    lora: None = Field(None, description="not wired for online RL (the critic and the sampler use full weights)")
+
+    @model_validator(mode="after")
+    def _pairs_for_rebel(self) -> "OnlineParams":
+        if self.total_episodes is not None:
+            raise ValueError("total_episodes: leave null; the episodes are rollout_steps x prompts_per_step x "
+                             "num_responses x num_ppo_epochs")
+        if self.num_responses % 2 and any(a.name == "rebel" for a in self.algorithms.values()):
+            raise ValueError(f"num_responses: rebel pairs a prompt's responses, so it needs an even number "
+                             f"(got {self.num_responses})")
+        return self
+
+
 class _TrainingDataParams(OptimizerParams):
     """What a trainer that reads its own data source and holds part of it out shares (``sft``,
     ``reward_model``): where a file or dataset source is, and the held-out evaluation's batch size.
@@ -436,6 +536,7 @@ class Params(_Section):
     sft: SftParams
     reward_model: RewardModelParams
     evaluate: EvaluateParams
+    online: OnlineParams
     iterations: Annotated[dict[str, IterationParams], AfterValidator(_check_iterations)] = Field(
         ..., description="the REBEL iterations, in order; dvc.yaml runs one set of stages per item")
 

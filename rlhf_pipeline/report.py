@@ -89,3 +89,24 @@ def figures(train_logs: dict[str, list[dict[str, Any]]], iterations: list[dict[s
     fig.tight_layout()
     out["reward_distribution.png"] = fig
     return out
+
+
+def online_figures(train_logs: dict[str, list[dict[str, Any]]]) -> dict:
+    """``online.png``: each online algorithm's mean rollout reward and KL(πθ_old ‖ π_ref) (nats per
+    response) against the episodes trained on (one line per algorithm)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for name, rows in train_logs.items():
+        episodes = [r["episodes"] for r in rows]
+        axes[0].plot(episodes, [r["reward"] for r in rows], label=name)
+        axes[1].plot(episodes, [r["kl"] for r in rows], label=name)
+    axes[0].set(title="rollout reward", xlabel="episodes")
+    axes[1].set(title="KL(πθ_old ‖ π_ref), nats per response", xlabel="episodes")
+    for ax in axes:
+        ax.legend()
+    fig.tight_layout()
+    return {"online.png": fig}

@@ -81,6 +81,39 @@ class Rollouts:
         }, schema=ROLLOUTS)
 
 
+def rollouts_from_table(table: pa.Table, prompt_tokens: dict[str, list[int]]) -> Rollouts:
+    """The :class:`Rollouts` of one step's ``schemas.ROLLOUTS`` rows (as :meth:`Rollouts.table` wrote
+    them; float32 log-probs and float64 rewards come back exactly): what a resumed online stage
+    restores of the step it was killed in.
+
+    Args:
+        prompt_tokens: prompt_id -> the prompt's token ids (``chat.prompt_token_ids``).
+
+    Raises:
+        PipelineError: the rows span more than one step.
+    """
+    steps = set(table.column("step").to_pylist())
+    if len(steps) != 1:
+        raise PipelineError(f"rollouts: one step expected, got steps {sorted(steps)}")
+    rows = table.to_pylist()
+    width = max(len(r["token_ids"]) for r in rows)
+
+    def padded(name):
+        out = torch.zeros(len(rows), width)
+        for i, r in enumerate(rows):
+            out[i, :len(r[name])] = torch.tensor(r[name], dtype=torch.float32)
+        return out
+
+    lengths = torch.tensor([len(r["token_ids"]) for r in rows])
+    mask = (torch.arange(width)[None, :] < lengths[:, None]).float()
+    return Rollouts(steps.pop(), [r["prompt_id"] for r in rows], [r["response_idx"] for r in rows],
+                    [r["seed"] for r in rows], [r["response"] for r in rows], [r["finish_reason"] for r in rows],
+                    [prompt_tokens[r["prompt_id"]] for r in rows], [r["token_ids"] for r in rows],
+                    torch.tensor([r["score"] for r in rows], dtype=torch.float64),
+                    torch.tensor([r["reward"] for r in rows], dtype=torch.float64),
+                    padded("logprobs"), padded("ref_logprobs"), mask)
+
+
 def collect_rollouts(policy, reference, tokenizer, prompts: pa.Table, sampling, scorers, seed: int, step: int,
                      missing_eos_penalty: float | None, logprob_batch_size: int, progress: bool = False) -> Rollouts:
     """Sample, score and take the log-probs of one rollout step.

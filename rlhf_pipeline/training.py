@@ -156,7 +156,11 @@ def train_policy(model_dir: str | os.PathLike, task, cfg: OptimizerParams, seed:
     ``tokens(idx)`` and ``forward(model, idx) -> (loss, figures)``, and may have
     ``load_model(model_dir, dtype, device)`` (default: the causal LM) (see
     ``rlhf_pipeline.objectives.PairwiseTask``, ``SftTask`` and ``RewardModelTask``). ``cfg``: ``params.TrainParams`` or any
-    ``params.OptimizerParams``.
+    ``params.OptimizerParams``. An online task (``rlhf_pipeline.online.OnlineTask``) also has
+    ``before_update(model, episodes)``, called with the unwrapped module before each update (it
+    collects a rollout step and may change ``lengths``), ``state_dict()``/``load_state_dict()``
+    (JSON, kept in the checkpoint), and ``policy_of(module)``/``policy_weights(state_dict)`` (what is
+    saved of a module that holds more than the policy).
     Resumes from ``checkpoint_dir`` when it holds a checkpoint with the same ``fingerprint``
     (same inputs and settings), and ends with the weights an uninterrupted run would have.
     ``on_update`` receives each update's log row on the main process (live MLflow metrics).
@@ -205,7 +209,6 @@ def train_policy(model_dir: str | os.PathLike, task, cfg: OptimizerParams, seed:
     if num_updates == 0:
         raise PipelineError(f"train.total_episodes: {total} episodes is less than one batch of {batch} examples")
 
-    lengths = task.lengths
     columns = train_log_columns(task)
 
     set_seed(seed)
@@ -216,7 +219,7 @@ def train_policy(model_dir: str | os.PathLike, task, cfg: OptimizerParams, seed:
         model = load(model_dir, torch.float32, accelerator.device)
     else:  # QLoRA: 4-bit base, bf16 compute
         model = load(model_dir, torch.bfloat16, accelerator.device, quantization_config=quantization)
-    check_context_length(lengths, getattr(model.config, "max_position_embeddings", None), where, task.limit_keys)
+    check_context_length(task.lengths, getattr(model.config, "max_position_embeddings", None), where, task.limit_keys)
     model.train()
     for module in model.modules():  # dropout off: log-probs must be those of the policy itself
         if isinstance(module, torch.nn.Dropout):
@@ -249,18 +252,23 @@ def train_policy(model_dir: str | os.PathLike, task, cfg: OptimizerParams, seed:
         state = _load_checkpoint(accelerator, latest)
         scheduler.load_state_dict(state["scheduler"])
         done, rows = state["update"], state["rows"]
+        if hasattr(task, "load_state_dict"):
+            task.load_state_dict(state["task"])
         log.info("resumed from update %d of %d", done, num_updates)
     resumed_from = done
 
     order = episode_order(num_examples, num_updates * batch, seed)
+    before_update = getattr(task, "before_update", None)
     t_start = time.perf_counter()
     for u in range(done, num_updates):
         t0 = time.perf_counter()
+        if before_update is not None:  # online RL: a new rollout step when the last one is used up
+            before_update(accelerator.unwrap_model(model), u * batch)
         mine = order[u * batch:(u + 1) * batch][rank::world]
         # per_device_train_batch_size x gradient_accumulation_steps pairs: exactly that many
         # micro-batches, so accelerate's step count reaches its sync point at the last one.
         micro = [[mine[i] for i in group] for group in
-                 length_grouped_batches([lengths[i] for i in mine], cfg.per_device_train_batch_size)]
+                 length_grouped_batches([task.lengths[i] for i in mine], cfg.per_device_train_batch_size)]
         sums = torch.zeros(1 + len(task.metric_names))  # loss and the task's figures, example-weighted
         tokens = 0
         grad_norm = float("nan")
@@ -293,14 +301,17 @@ def train_policy(model_dir: str | os.PathLike, task, cfg: OptimizerParams, seed:
                      row["tokens_per_second"], datetime.timedelta(seconds=round(eta)))
         if (u + 1) % cfg.save_every == 0 and u + 1 < num_updates:
             _save_checkpoint(accelerator, incoming, latest, fingerprint,
-                             {"update": u + 1, "rows": rows, "scheduler": scheduler.state_dict()})
+                             {"update": u + 1, "rows": rows, "scheduler": scheduler.state_dict(),
+                              **({"task": task.state_dict()} if hasattr(task, "state_dict") else {})})
 
     accelerator.wait_for_everyone()
     # every process: ZeRO-3 gathers the shards here (LoRA saves through peft instead)
     weights = accelerator.get_state_dict(model) if cfg.lora is None else None
+    if weights is not None and hasattr(task, "policy_weights"):  # PPO: the policy's, not its critic's
+        weights = task.policy_weights(weights)
     figures = {}
     if accelerator.is_main_process:
-        policy = accelerator.unwrap_model(model)
+        policy = getattr(task, "policy_of", lambda m: m)(accelerator.unwrap_model(model))
         if evaluate is not None:
             figures = evaluate(policy.eval())
         if cfg.gradient_checkpointing:

@@ -153,6 +153,10 @@ def tiny_overrides(model_dir, reward_model_dir) -> dict:
         "sft": {"num_demonstrations": 20, "val_size": 4, "max_tokens": 160, "learning_rate": 1e-3, "dtype": "float32",
                 "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "save_every": 2,
                 "per_device_eval_batch_size": 4},
+        # 2 rollout steps of 2 prompts x 2 responses for PPO, GRPO and online REBEL: 4 updates a step (2 pairs for rebel)
+        "online": {"rollout_steps": 2, "prompts_per_step": 2, "num_responses": 2, "max_new_tokens": 8,
+                   "generation_batch_size": 8, "logprob_batch_size": 4, "learning_rate": 1e-4,
+                   "per_device_train_batch_size": 1, "gradient_accumulation_steps": 1, "save_every": 2},
         # iteration 1's 4 prompts x 4 responses give up to 24 pairs: one prompt's held out
         "reward_model": {"val_size": 1, "learning_rate": 1e-3, "dtype": "float32", "per_device_train_batch_size": 2,
                          "gradient_accumulation_steps": 1, "save_every": 2, "per_device_eval_batch_size": 4,

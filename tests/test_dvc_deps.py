@@ -22,8 +22,8 @@ from conftest import REPO
 
 PACKAGES = ("rlhf_pipeline", "stages")
 #: Where a stage's command line names project data (``dvc.lock`` is DVC's own file, not a dep); the
-#: classic variant (classic/dvc.yaml) writes under classic/.
-DATA = ("data/", "models", "metrics", "classic/")
+#: classic variant (classic/dvc.yaml) writes under classic/, the online one (online/dvc.yaml) under online/.
+DATA = ("data/", "models", "metrics", "classic/", "online/")
 
 
 def resolved_stages(project: Path = REPO) -> dict[str, dict]:
@@ -121,7 +121,7 @@ def stage_argv(stage: str) -> list[str]:
 def command_paths(stage: str) -> set[str]:
     """Values of the stage's command-line options that name project data."""
     argv = stage_argv(stage)
-    return {v for v in argv[1::2] if v.startswith(DATA)}
+    return {v for v in argv[1::2] if v.startswith(DATA) and not v.endswith("dvc.lock")}
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
@@ -213,6 +213,8 @@ class ParamsRecorder:
             value = getattr(model, name)
             if isinstance(value, BaseModel):
                 return ParamsRecorder(value, self._key(name), self._log)
+            if isinstance(value, dict) and value and all(isinstance(v, BaseModel) for v in value.values()):
+                return RecordedMapping(value, self._key(name), self._log)
             self._log.add(self._key(name))
             return value
         if name == "model_dump":
@@ -245,6 +247,39 @@ class ParamsRecorder:
         return set(self._log)
 
 
+class RecordedMapping(dict):
+    """A params mapping of models (``iterations``, ``online.algorithms``): looking one item up
+    records only what is read of it (``online.algorithms.ppo.clip``); listing the keys reads the
+    whole mapping (a stage that iterates over it depends on every item)."""
+
+    def __init__(self, value: dict, path: str, log: set[str]):
+        super().__init__(value)
+        self._path, self._log = path, log
+
+    def __getitem__(self, key):
+        return ParamsRecorder(super().__getitem__(key), f"{self._path}.{key}", self._log)
+
+    def __iter__(self):
+        self._log.add(self._path)
+        return super().__iter__()
+
+    def __len__(self):
+        self._log.add(self._path)
+        return super().__len__()
+
+    def items(self):
+        self._log.add(self._path)
+        return super().items()
+
+    def values(self):
+        self._log.add(self._path)
+        return super().values()
+
+    def keys(self):
+        self._log.add(self._path)
+        return super().keys()
+
+
 def declared_params(stage: str) -> list[str]:
     return list(STAGES[stage]["params"])
 
@@ -255,7 +290,7 @@ def all_leaf_keys(section_path: str) -> set[str]:
 
     model = load_params(REPO / "params.yaml")
     for part in section_path.split("."):
-        model = getattr(model, part)
+        model = model[part] if isinstance(model, dict) else getattr(model, part)
     if not hasattr(type(model), "model_fields"):
         return {section_path}
     return {f"{section_path}.{f}" for f in type(model).model_fields}

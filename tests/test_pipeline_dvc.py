@@ -239,9 +239,10 @@ def test_params_read_match_dvc_yaml(project, tmp_path, monkeypatch):
     copy = tmp_path / "proj"
     shutil.copytree(project, copy, symlinks=True)
     monkeypatch.chdir(copy)
-    assert STAGES["report"]["params"] == [None]  # the whole file: it logs every key
+    reports = ("report", "online_report")
+    assert all(STAGES[r]["params"] == [None] for r in reports)  # the whole file: they log every key
     for stage in STAGES:
-        if stage == "report":
+        if stage in reports:
             continue
         module = importlib.import_module(stage_module(stage))
         recorder = ParamsRecorder(load_params())
@@ -424,3 +425,43 @@ def test_classic_variant_runs_sft_the_reward_model_and_rl_against_it_apart_from_
     assert json.loads((project / "classic/metrics/rl/train.json").read_text())["trainable_parameters"] < 10 ** 5
     assert {"report", *(f"train@{k}" for k in later)} <= set(json.loads(run_dvc(project, "status", "--json",
                                                                              "dvc.yaml").stdout))
+
+
+def test_online_variant_trains_evaluates_and_reports_each_algorithm(tiny_project, tmp_path):
+    """`dvc repro online/dvc.yaml` trains PPO, GRPO and online REBEL from the base policy, evaluates
+    each against it on validation and test, and logs one MLflow run with their curves and the offline
+    REBEL's evaluation; a change to one algorithm's params reruns that algorithm only."""
+    from mlflow.tracking import MlflowClient
+
+    project = copy_project(tiny_project, tmp_path / "proj")
+    keys = ("grpo", "ppo", "rebel")
+    stages = {f"online/dvc.yaml:{s}@{k}" for s in ("online_train", "online_evaluate") for k in keys}
+    report = "online/dvc.yaml:online_report"
+    assert ran(run_dvc(project, "repro", "online/dvc.yaml").stdout) == {*stages, report}
+    for key in keys:
+        train = json.loads((project / f"online/metrics/{key}/train.json").read_text())
+        assert train["algorithm"] == key and train["responses_generated"] == 2 * 2 * 2
+        assert train["updates"] == (2 if key == "rebel" else 4) * 2 and train["resumed_from_update"] == 0
+        rollouts = pq.read_table(project / f"online/data/{key}/rollouts.parquet")
+        assert rollouts.column("step").to_pylist() == [0] * 4 + [1] * 4
+        evaluation = json.loads((project / f"online/metrics/eval/{key}.json").read_text())
+        assert evaluation["policy"] == f"online/models/{key}"
+        assert evaluation["val"]["prompts"] == evaluation["test"]["prompts"] == 4
+        assert {"diff", "diff_ci_low", "diff_ci_high"} <= set(evaluation["test"]["reward"])
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("rlhf-pipeline").experiment_id],
+                              "params.`online.rollout_steps` = '2'", order_by=["attributes.start_time DESC"])
+    run = runs[0]
+    assert run.data.metrics["ppo.evaluate.test.reward.diff"] == pytest.approx(
+        json.loads((project / "online/metrics/eval/ppo.json").read_text())["test"]["reward"]["diff"])
+    assert "offline_rebel.evaluate.test.reward.diff" in run.data.metrics
+    history = client.get_metric_history(run.info.run_id, "grpo.train_log.reward")
+    assert sorted(h.step for h in history) == list(range(1, 9))
+    assert not ran(run_dvc(project, "repro", "online/dvc.yaml").stdout)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["online"]["algorithms"]["ppo"]["kl_coef"] = 1.0
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    rerun = ran(run_dvc(project, "repro", "online/dvc.yaml").stdout)  # evaluate too if the weights changed
+    assert "online/dvc.yaml:online_train@ppo" in rerun
+    assert rerun <= {"online/dvc.yaml:online_train@ppo", "online/dvc.yaml:online_evaluate@ppo", report}
+    assert "Running stage" not in run_dvc(project, "repro").stdout  # the default pipeline is untouched

@@ -134,17 +134,18 @@ def stage_dir(root, tiny_model_dir, tiny_policy, updates):
     return root
 
 
-def kill_at_first_checkpoint_then_resume(cmd: list[str], project) -> None:
-    """Start the train stage in ``project``, SIGKILL it once its first checkpoint is in place
-    (before any model is written), then run it again to the end."""
+def kill_at_first_checkpoint_then_resume(cmd: list[str], project, checkpoints: str = CHECKPOINTS,
+                                        out: str = "models/policy") -> None:
+    """Start a training stage in ``project``, SIGKILL it once its first checkpoint is in place
+    (before its model ``out`` is written), then run it again to the end."""
     proc = subprocess.Popen(cmd, cwd=project, env=stage_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    marker = project / CHECKPOINTS / "latest/fingerprint"
+    marker = project / checkpoints / "latest/fingerprint"
     deadline = time.time() + 300
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert marker.exists() and not (project / "models/policy").exists()
+    assert marker.exists() and not (project / out).exists()
     subprocess.run(cmd, cwd=project, env=stage_env(), check=True, capture_output=True)
 
 

@@ -1,0 +1,405 @@
+"""Online RL on the one training loop: PPO, RLOO, GRPO and online REBEL as objectives of one task.
+
+:class:`OnlineTask` is a task of ``training.train_policy`` whose examples are the current rollout
+step's responses (pairs of them for REBEL). Before an update that starts a rollout step it samples
+the current policy (``rollouts.collect_rollouts``: seeded sampler, scorers, missing-EOS penalty,
+per-token log-probs under the policy and π_ref) and lets its objective prepare advantages; the loop
+then runs ``num_ppo_epochs`` passes over the step's examples in minibatches (one minibatch = one
+update), so ``updates per step = num_ppo_epochs × examples per step / minibatch``. The loop saves
+the task's :meth:`OnlineTask.state_dict` (step, KL controller, every step's rollouts, the critic's
+values) in its checkpoint, so a killed run resumes to the same weights.
+
+The objectives share rollouts and differ in what they make of them (``online.algorithms.<key>.name``):
+
+- ``ppo``: per-token KL-penalised reward (``advantages.kl_penalized_rewards``), GAE, whitening, the
+  clipped surrogate and clipped value loss (``policy_gradient``), fixed or adaptive β (``kl_control``).
+  The value model is a separate critic: the policy's transformer with a new scalar head
+  (``AutoModelForTokenClassification``, one label), trained beside the policy by the same optimizer
+  (:class:`PolicyAndValue`). Separate rather than a value head on the policy's trunk, as TRL's and
+  OpenRLHF's PPO: the value loss's gradients then never move the policy. It costs a second
+  forward and backward pass per minibatch.
+- ``rloo``: the leave-one-out baseline over a prompt's k responses of the score less β·KL, one
+  advantage per response under PPO's clipped ratio (as TRL's RLOOTrainer).
+- ``grpo``: group-normalised advantages of the score, clipped ratio, k3 KL to π_ref in the loss.
+- ``rebel``: a prompt's responses in consecutive pairs, the REBEL regression (``losses.rebel_loss``)
+  with the sampling policy πθ_old as π_t and the score less β·KL(πθ_old ‖ π_ref) as the reward.
+"""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import pyarrow as pa
+import torch
+
+from rlhf_pipeline.advantages import (explained_variance, gae, group_normalized_advantages, kl_penalized_rewards,
+                                      masked_whiten, rloo_advantages)
+from rlhf_pipeline.errors import PipelineError
+from rlhf_pipeline.kl_control import AdaptiveKLController, FixedKLController
+from rlhf_pipeline.logprobs import (length_grouped_batches, sequence_logprobs, token_logprobs,
+                                    token_logprobs_and_values)
+from rlhf_pipeline.losses import rebel_loss
+from rlhf_pipeline.policy_gradient import clipped_surrogate_loss, clipped_value_loss, grpo_loss
+from rlhf_pipeline.rollouts import Rollouts, collect_rollouts, rollouts_from_table
+from rlhf_pipeline.schemas import ROLLOUTS
+
+
+class PolicyAndValue(torch.nn.Module):
+    """The policy and its critic as one module, so one optimizer, one accelerate ``prepare`` (DDP)
+    and one checkpoint hold both. Its forward pass runs both on the same tokens: the policy's output
+    with ``values`` (batch, kept positions), V at each position (``logprobs.token_logprobs_and_values``)."""
+
+    def __init__(self, policy, value_model):
+        super().__init__()
+        self.policy, self.value_model = policy, value_model
+
+    @property
+    def config(self):
+        return self.policy.config
+
+    def gradient_checkpointing_enable(self, **kwargs) -> None:
+        self.policy.gradient_checkpointing_enable(**kwargs)
+        self.value_model.gradient_checkpointing_enable(**kwargs)
+
+    def forward(self, input_ids, attention_mask, logits_to_keep: int = 0):
+        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep)
+        values = self.value_model(input_ids=input_ids, attention_mask=attention_mask).logits[..., 0]
+        return SimpleNamespace(logits=out.logits, values=values[:, -logits_to_keep:] if logits_to_keep else values)
+
+
+def load_value_model(model_dir, dtype: torch.dtype, device: torch.device):
+    """The critic: the policy folder's transformer with a new one-output linear head per position
+    (``AutoModelForTokenClassification``), the head zeroed.
+
+    Zero, not random: a random head over hidden states of norm ~√d gives values of the order of the
+    rewards themselves, pure noise that GAE turns into advantages (on the test's tiny policy PPO
+    then unlearned its reward: tests/test_online.py); V = 0 starts PPO from the plain returns and
+    the critic learns from there.
+    """
+    from transformers import AutoModelForTokenClassification
+
+    model = AutoModelForTokenClassification.from_pretrained(model_dir, num_labels=1, dtype=dtype)
+    head = model.score if hasattr(model, "score") else model.classifier
+    with torch.no_grad():
+        for p in head.parameters():
+            p.zero_()
+    return model.to(device)
+
+
+class OnlineObjective:
+    """What an online algorithm makes of a rollout step. Examples are responses
+    (``responses_per_example`` 1) or consecutive pairs of them (2). ``prepare`` turns the rollouts
+    into the tensors the loss reads (advantages …); ``loss`` returns (scalar loss, figures named
+    :attr:`metric_names`, detached)."""
+
+    metric_names: tuple[str, ...] = ()
+    responses_per_example = 1
+    needs_value_model = False
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def kl_controller(self):
+        return FixedKLController(self.cfg.kl_coef)
+
+    def lengths(self, r: Rollouts) -> list[int]:
+        """Tokens per example (prompt + response): for length grouping."""
+        return [len(p) + len(t) for p, t in zip(r.prompt_tokens, r.response_tokens)]
+
+    def tokens(self, r: Rollouts, idx: list[int]) -> int:
+        """Tokens one forward pass over examples ``idx`` processes."""
+        return sum(len(r.prompt_tokens[i]) + len(r.response_tokens[i]) for i in idx)
+
+    def prepare(self, r: Rollouts, values: torch.Tensor | None, beta: float) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def loss(self, model, r: Rollouts, prep: dict, idx: list[int], pad_id: int,
+             temperature: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        raise NotImplementedError
+
+
+def _rows(r: Rollouts, idx: list[int]) -> tuple[list[list[int]], list[list[int]]]:
+    return [r.prompt_tokens[i] for i in idx], [r.response_tokens[i] for i in idx]
+
+
+def _sequence_reward(r: Rollouts, beta: float) -> torch.Tensor:
+    """(n,) the reward less β times the sequence KL(πθ_old ‖ π_ref) estimate (nats): RLOO's and the
+    REBEL reference's KL-regularised reward (Ahmadian et al. 2024, Sec. 2; Gao et al. 2024, Sec. 5)."""
+    return (r.rewards - beta * r.kl.double()).float()
+
+
+class Ppo(OnlineObjective):
+    """PPO with a critic (Schulman et al. 2017, Eq. 7 and 9; GAE: Schulman et al. 2016, Eq. 16;
+    RLHF rewards: Ziegler et al. 2019, Eq. 2). Loss = clipped surrogate + ``vf_coef`` × clipped
+    value loss. Figures: the two losses, clip fractions, approximate KL(πθ_old ‖ πθ) per token,
+    and the critic's explained variance on the step's returns (at rollout time)."""
+
+    metric_names = ("policy_loss", "value_loss", "clip_fraction", "approx_kl", "value_clip_fraction",
+                    "explained_variance")
+    needs_value_model = True
+
+    def kl_controller(self):
+        if self.cfg.kl_target is None:
+            return FixedKLController(self.cfg.kl_coef)
+        return AdaptiveKLController(self.cfg.kl_coef, self.cfg.kl_target, self.cfg.kl_horizon)
+
+    def prepare(self, r, values, beta):
+        rewards, _ = kl_penalized_rewards(r.rewards.float(), r.logprobs, r.ref_logprobs, r.mask, beta)
+        advantages, returns = gae(rewards, values, r.mask, self.cfg.gamma, self.cfg.lam)
+        if self.cfg.whiten_advantages:
+            advantages = masked_whiten(advantages, r.mask)
+        return {"advantages": advantages, "returns": returns, "values": values,
+                "explained_variance": explained_variance(values, returns, r.mask)}
+
+    def loss(self, model, r, prep, idx, pad_id, temperature):
+        logps, values, mask = token_logprobs_and_values(model, *_rows(r, idx), pad_id, temperature)
+        t, dev = mask.shape[1], mask.device
+        policy_loss, clip_fraction, approx_kl = clipped_surrogate_loss(
+            logps, r.logprobs[idx, :t].to(dev), prep["advantages"][idx, :t].to(dev), mask, self.cfg.clip)
+        value_loss, value_clip_fraction = clipped_value_loss(values, prep["values"][idx, :t].to(dev),
+                                                             prep["returns"][idx, :t].to(dev), mask,
+                                                             self.cfg.clip_value)
+        loss = policy_loss + self.cfg.vf_coef * value_loss
+        return loss, [policy_loss.detach(), value_loss.detach(), clip_fraction, approx_kl, value_clip_fraction,
+                      prep["explained_variance"]]
+
+
+class Rloo(OnlineObjective):
+    """RLOO (Ahmadian et al. 2024; ``advantages.rloo_advantages``) on the score less β·KL, one
+    advantage per response under PPO's clipped ratio (Schulman et al. 2017, Eq. 7). Figures: clip
+    fraction, approximate KL(πθ_old ‖ πθ) per token."""
+
+    metric_names = ("clip_fraction", "approx_kl")
+
+    def prepare(self, r, values, beta):
+        return {"advantages": rloo_advantages(r.groups(_sequence_reward(r, beta))).reshape(-1)}
+
+    def loss(self, model, r, prep, idx, pad_id, temperature):
+        logps, mask = token_logprobs(model, *_rows(r, idx), pad_id, temperature)
+        t, dev = mask.shape[1], mask.device
+        loss, clip_fraction, approx_kl = clipped_surrogate_loss(
+            logps, r.logprobs[idx, :t].to(dev), prep["advantages"][idx].to(dev)[:, None], mask, self.cfg.clip)
+        return loss, [clip_fraction, approx_kl]
+
+
+class Grpo(OnlineObjective):
+    """GRPO (Shao et al. 2024, Eq. 3; ``policy_gradient.grpo_loss``): group-normalised advantages of
+    the reward (no KL in it), β·k3 KL to π_ref in the loss. Figures: clip fraction, mean per-token
+    k3 KL(πθ ‖ π_ref). Its ``beta`` figure is the loss's β."""
+
+    metric_names = ("clip_fraction", "kl_k3")
+
+    def kl_controller(self):
+        return FixedKLController(self.cfg.beta)
+
+    def prepare(self, r, values, beta):
+        return {"advantages": group_normalized_advantages(r.groups(r.rewards.float())).reshape(-1)}
+
+    def loss(self, model, r, prep, idx, pad_id, temperature):
+        logps, mask = token_logprobs(model, *_rows(r, idx), pad_id, temperature)
+        t, dev = mask.shape[1], mask.device
+        loss, clip_fraction, kl = grpo_loss(logps, r.logprobs[idx, :t].to(dev), r.ref_logprobs[idx, :t].to(dev),
+                                            prep["advantages"][idx].to(dev), mask, self.cfg.clip, self.cfg.beta)
+        return loss, [clip_fraction, kl]
+
+
+class OnlineRebel(OnlineObjective):
+    """Online REBEL (Gao et al. 2024, Eq. 1 / Algorithm 1; ``losses.rebel_loss``): example j is the
+    pair of rows 2j and 2j+1 (two responses of one prompt); π_t is the sampling policy (its
+    log-probs from the rollout) and the reward the score less β·KL(πθ_old ‖ π_ref). Figures: how
+    often the predicted and the target reward gap have the same sign, and the mean |target gap|."""
+
+    metric_names = ("sign_agreement", "abs_target_reward_gap")
+    responses_per_example = 2
+
+    def lengths(self, r):
+        return [len(r.prompt_tokens[i]) + max(len(r.response_tokens[i]), len(r.response_tokens[i + 1]))
+                for i in range(0, len(r.prompt_ids), 2)]
+
+    def tokens(self, r, idx):
+        return sum(2 * len(r.prompt_tokens[2 * j]) + len(r.response_tokens[2 * j]) + len(r.response_tokens[2 * j + 1])
+                   for j in idx)
+
+    def prepare(self, r, values, beta):
+        if len(r.prompt_ids) % 2 or r.prompt_ids[0::2] != r.prompt_ids[1::2]:
+            raise PipelineError(f"rollout step {r.step}: rebel pairs a prompt's responses two by two; "
+                                "online.num_responses must be even")
+        return {"rewards": _sequence_reward(r, beta), "old_logprobs": (r.logprobs * r.mask).sum(1)}
+
+    def loss(self, model, r, prep, idx, pad_id, temperature):
+        a, b = [2 * j for j in idx], [2 * j + 1 for j in idx]
+        pa_, ra = _rows(r, a)
+        pb, rb = _rows(r, b)
+        logps = sequence_logprobs(model, pa_ + pb, ra + rb, pad_id, temperature)
+        n, dev = len(idx), logps.device
+        old, rewards = prep["old_logprobs"].to(dev), prep["rewards"].to(dev)
+        loss, reg_diff = rebel_loss(logps[:n], logps[n:], old[a], old[b], rewards[a], rewards[b], self.cfg.eta)
+        with torch.no_grad():
+            target = rewards[a] - rewards[b]
+            predicted = reg_diff + target
+            agreement = (torch.sign(predicted) == torch.sign(target)).float().mean()
+        return loss, [agreement, target.abs().mean()]
+
+
+#: ``online.algorithms.<key>.name`` -> objective class; every member of ``params.OnlineAlgorithm`` has one.
+ONLINE_OBJECTIVES: dict[str, type[OnlineObjective]] = {"ppo": Ppo, "rloo": Rloo, "grpo": Grpo, "rebel": OnlineRebel}
+
+#: Figures of the current rollout step, logged beside each update's loss: mean reward (the penalty
+#: included) and score, mean sequence KL(πθ_old ‖ π_ref) (nats), per-token entropy of πθ_old estimated
+#: by −mean log πθ_old of the sampled tokens (nats), mean response tokens, share cut at
+#: max_new_tokens, and β.
+ROLLOUT_METRICS = ("reward", "score", "kl", "entropy", "response_length", "truncated", "beta")
+
+
+class OnlineTask:
+    """Rollout steps on ``prompts`` for an :class:`OnlineObjective`, as a task of the one loop.
+
+    Args:
+        objective: from :data:`ONLINE_OBJECTIVES`. prompts: the train prompts (``schemas.PROMPTS``
+            and what the scorers need). reference: π_ref (eval mode, no grad). scorers:
+            ``rewards.Scorers``. cfg: ``params.OnlineParams``. missing_eos_penalty: ``reward``'s.
+
+    Raises:
+        PipelineError: fewer prompts than one step needs.
+    """
+
+    params_section = "online"
+    limit_keys = "online.max_new_tokens"
+
+    def __init__(self, objective: OnlineObjective, prompts: pa.Table, tokenizer, reference, scorers, cfg,
+                 missing_eos_penalty: float | None, seed: int, where: str, progress: bool = False):
+        from rlhf_pipeline.chat import prompt_token_ids
+        from rlhf_pipeline.params import SamplingParams
+        from rlhf_pipeline.training import episode_order
+
+        if prompts.num_rows < cfg.prompts_per_step:
+            raise PipelineError(f"online.prompts_per_step: {cfg.prompts_per_step} prompts per step, but {where} has "
+                                f"{prompts.num_rows}")
+        self.objective, self.cfg, self.seed, self.progress = objective, cfg, seed, progress
+        self.name = objective.cfg.name
+        self.metric_names = (*ROLLOUT_METRICS, *objective.metric_names)
+        self.prompts = prompts.sort_by("prompt_id")
+        self.tokenizer, self.reference, self.scorers = tokenizer, reference, scorers
+        self.missing_eos_penalty = missing_eos_penalty
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.prompt_tokens = {pid: prompt_token_ids(tokenizer, text) for pid, text in
+                              zip(self.prompts.column("prompt_id").to_pylist(), self.prompts.column("prompt").to_pylist())}
+        self.sampling = SamplingParams(num_responses=cfg.num_responses, max_new_tokens=cfg.max_new_tokens,
+                                       temperature=cfg.temperature, top_p=cfg.top_p,
+                                       batch_size=cfg.generation_batch_size, dtype=cfg.dtype)
+        self.examples_per_step = cfg.prompts_per_step * cfg.num_responses // objective.responses_per_example
+        #: the step's prompts: chunk s of seeded permutations of the prompts, cycled
+        self.prompt_order = episode_order(self.prompts.num_rows, cfg.rollout_steps * cfg.prompts_per_step, seed)
+        # Until the first rollout, every example is as long as the longest prompt + max_new_tokens:
+        # the loop's context check sees the bound before any sampling.
+        self.lengths = [max(map(len, self.prompt_tokens.values())) + cfg.max_new_tokens] * self.examples_per_step
+        self.kl_controller = objective.kl_controller()
+        self.tables: list[pa.Table] = []
+        self.rollouts: Rollouts | None = None
+        self.values: torch.Tensor | None = None
+        self.rollout_seconds = 0.0
+
+    @property
+    def episodes_per_step(self) -> int:
+        """Examples the loop draws per rollout step: ``num_ppo_epochs`` passes over its examples."""
+        return self.cfg.num_ppo_epochs * self.examples_per_step
+
+    def total_episodes(self) -> int:
+        return self.cfg.rollout_steps * self.episodes_per_step
+
+    def load_model(self, model_dir, dtype: torch.dtype, device: torch.device, quantization_config=None):
+        """The policy, and for PPO the policy with its critic (:class:`PolicyAndValue`)."""
+        from rlhf_pipeline.models import load_policy
+
+        policy = load_policy(model_dir, dtype, device)
+        if not self.objective.needs_value_model:
+            return policy
+        return PolicyAndValue(policy, load_value_model(model_dir, dtype, device))
+
+    @staticmethod
+    def policy_of(module):
+        """The policy inside what :meth:`load_model` returned (what is sampled and saved)."""
+        return module.policy if isinstance(module, PolicyAndValue) else module
+
+    def policy_weights(self, state_dict: dict) -> dict:
+        """The policy's tensors of the trained module's state dict (the critic is not saved)."""
+        if not self.objective.needs_value_model:
+            return state_dict
+        return {k.removeprefix("policy."): v for k, v in state_dict.items() if k.startswith("policy.")}
+
+    def before_update(self, model, episodes: int) -> None:
+        """Collect rollout step ``episodes // episodes_per_step`` when the loop has used up the
+        previous one (``model``: the unwrapped module being trained)."""
+        if episodes % self.episodes_per_step:
+            return
+        step = episodes // self.episodes_per_step
+        t0 = time.perf_counter()
+        chunk = self.prompt_order[step * self.cfg.prompts_per_step:(step + 1) * self.cfg.prompts_per_step]
+        r = collect_rollouts(self.policy_of(model), self.reference, self.tokenizer, self.prompts.take(sorted(chunk)),
+                             self.sampling, self.scorers, self.seed, step, self.missing_eos_penalty,
+                             self.cfg.logprob_batch_size, progress=self.progress)
+        values = self._values(model, r) if self.objective.needs_value_model else None
+        self._set_step(r, values, self.kl_controller.beta)
+        self.kl_controller.update(float(r.kl.mean()), len(r.prompt_ids))
+        self.tables.append(r.table())
+        self.rollout_seconds += time.perf_counter() - t0
+
+    @torch.no_grad()
+    def _values(self, model: PolicyAndValue, r: Rollouts) -> torch.Tensor:
+        """(n, T) the critic's V(s_t) at every response token of the step, at rollout time."""
+        out = torch.zeros_like(r.logprobs)
+        lengths = [len(p) + len(t) for p, t in zip(r.prompt_tokens, r.response_tokens)]
+        for idx in length_grouped_batches(lengths, self.cfg.logprob_batch_size):
+            _, values, mask = token_logprobs_and_values(model, *_rows(r, idx), self.pad_id, self.cfg.temperature)
+            out[idx, :mask.shape[1]] = values.float().cpu()
+        return out
+
+    def _set_step(self, r: Rollouts, values: torch.Tensor | None, beta: float) -> None:
+        self.rollouts, self.values, self.beta = r, values, beta
+        self.prepared = self.objective.prepare(r, values, beta)
+        self.lengths = self.objective.lengths(r)
+        tokens = r.mask.sum()
+        self.step_figures = torch.tensor([
+            float(r.rewards.mean()), float(r.scores.mean()), float(r.kl.mean()),
+            float(-(r.logprobs * r.mask).sum() / tokens), float(tokens) / len(r.prompt_ids),
+            sum(f == "length" for f in r.finish_reasons) / len(r.prompt_ids), beta])
+
+    def tokens(self, idx: list[int]) -> int:
+        return self.objective.tokens(self.rollouts, idx)
+
+    def forward(self, model, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The objective's loss on examples ``idx`` of the current step, and (step figures,
+        objective figures) as one detached (len(metric_names),) tensor."""
+        loss, figures = self.objective.loss(model, self.rollouts, self.prepared, idx, self.pad_id,
+                                            self.cfg.temperature)
+        return loss, torch.cat([self.step_figures, torch.stack([f.detach().float().cpu() for f in figures])])
+
+    def rollouts_table(self) -> pa.Table:
+        """Every step's rollouts so far (``schemas.ROLLOUTS``), in step order."""
+        return pa.concat_tables(self.tables) if self.tables else ROLLOUTS.empty_table()
+
+    def summary(self) -> dict:
+        """Facts for the metrics file: the budget spent (responses, generated tokens) and the time in
+        rollouts (sampling, scoring, log-probs), seconds."""
+        table = self.rollouts_table()
+        return {"rollout_steps": len(self.tables), "responses_generated": table.num_rows,
+                "tokens_generated": sum(len(t) for t in table.column("token_ids").to_pylist()),
+                "rollout_seconds": round(self.rollout_seconds, 3)}
+
+    def state_dict(self) -> dict:
+        """JSON-able state for the loop's checkpoint: KL controller, every step's rollouts, the
+        current step's β and critic values (floats round-trip exactly through JSON)."""
+        return {"kl_controller": self.kl_controller.state_dict(), "beta": self.beta,
+                "tables": [t.to_pylist() for t in self.tables], "rollout_seconds": self.rollout_seconds,
+                "values": None if self.values is None else self.values.tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s state: the current step's prepared tensors are recomputed
+        from its rollouts, values and β, as they were."""
+        self.kl_controller.load_state_dict(state["kl_controller"])
+        self.tables = [pa.Table.from_pylist(rows, schema=ROLLOUTS) for rows in state["tables"]]
+        self.rollout_seconds = state["rollout_seconds"]
+        values = None if state["values"] is None else torch.tensor(state["values"], dtype=torch.float32)
+        if self.tables:
+            self._set_step(rollouts_from_table(self.tables[-1], self.prompt_tokens), values, state["beta"])
