@@ -57,19 +57,8 @@ def figures(train_logs: dict[str, list[dict[str, Any]]], iterations: list[dict[s
     matplotlib.use("Agg")  # no display in stages
     import matplotlib.pyplot as plt
 
-    out = {}
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for name, rows in train_logs.items():
-        steps = [r["update"] for r in rows]
-        axes[0].plot(steps, [r["loss"] for r in rows], label=name)
-        if rows and "kl_chosen" in rows[0]:
-            axes[1].plot(steps, [r["kl_chosen"] for r in rows], label=name)
-    axes[0].set(title="loss", xlabel="update")
-    axes[1].set(title="chosen: log πθ − log π_ref (nats)", xlabel="update")
-    for ax in axes:
-        ax.legend()
-    fig.tight_layout()
-    out["training_curves.png"] = fig
+    out = {"training_curves.png": _curves(train_logs, "update", {"loss": "loss",
+                                                                 "kl_chosen": "chosen: log πθ − log π_ref (nats)"})}
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
     t = [r["iteration"] for r in iterations]
     axes[0].errorbar(t, [r["reward_diff"] for r in iterations],
@@ -94,19 +83,24 @@ def figures(train_logs: dict[str, list[dict[str, Any]]], iterations: list[dict[s
 def online_figures(train_logs: dict[str, list[dict[str, Any]]]) -> dict:
     """``online.png``: each online algorithm's mean rollout reward and KL(πθ_old ‖ π_ref) (nats per
     response) against the episodes trained on (one line per algorithm)."""
+    return {"online.png": _curves(train_logs, "episodes", {"reward": "rollout reward",
+                                                          "kl": "KL(πθ_old ‖ π_ref), nats per response"})}
+
+
+def _curves(train_logs: dict[str, list[dict[str, Any]]], x: str, panels: dict[str, str]):
+    """One panel per ``{column: title}``, one line per training log (logs without the column are
+    left out of its panel), against column ``x``."""
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # no display in stages
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for name, rows in train_logs.items():
-        episodes = [r["episodes"] for r in rows]
-        axes[0].plot(episodes, [r["reward"] for r in rows], label=name)
-        axes[1].plot(episodes, [r["kl"] for r in rows], label=name)
-    axes[0].set(title="rollout reward", xlabel="episodes")
-    axes[1].set(title="KL(πθ_old ‖ π_ref), nats per response", xlabel="episodes")
-    for ax in axes:
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5))
+    for ax, (column, title) in zip(axes, panels.items()):
+        for name, rows in train_logs.items():
+            if rows and column in rows[0]:
+                ax.plot([r[x] for r in rows], [r[column] for r in rows], label=name)
+        ax.set(title=title, xlabel=x)
         ax.legend()
     fig.tight_layout()
-    return {"online.png": fig}
+    return fig
