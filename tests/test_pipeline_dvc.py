@@ -464,4 +464,5 @@ def test_online_variant_trains_evaluates_and_reports_each_algorithm(tiny_project
     rerun = ran(run_dvc(project, "repro", "online/dvc.yaml").stdout)  # evaluate too if the weights changed
     assert "online/dvc.yaml:online_train@ppo" in rerun
     assert rerun <= {"online/dvc.yaml:online_train@ppo", "online/dvc.yaml:online_evaluate@ppo", report}
-    assert "Running stage" not in run_dvc(project, "repro").stdout  # the default pipeline is untouched
+    # the default pipeline is untouched, but for report, which logs every params key
+    assert ran(run_dvc(project, "repro").stdout) <= {"report"}
