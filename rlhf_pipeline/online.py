@@ -103,6 +103,11 @@ class OnlineObjective:
     def kl_controller(self):
         return FixedKLController(self.cfg.kl_coef)
 
+    def examples_per_step(self, online) -> int:
+        """Examples of one rollout step under ``params.OnlineParams`` ``online``: its responses, or
+        the pairs of them."""
+        return online.prompts_per_step * online.num_responses // self.responses_per_example
+
     def lengths(self, r: Rollouts) -> list[int]:
         """Tokens per example (prompt + response): for length grouping."""
         return [len(p) + len(t) for p, t in zip(r.prompt_tokens, r.response_tokens)]
@@ -288,7 +293,7 @@ class OnlineTask:
         self.sampling = SamplingParams(num_responses=cfg.num_responses, max_new_tokens=cfg.max_new_tokens,
                                        temperature=cfg.temperature, top_p=cfg.top_p,
                                        batch_size=cfg.generation_batch_size, dtype=cfg.dtype)
-        self.examples_per_step = cfg.prompts_per_step * cfg.num_responses // objective.responses_per_example
+        self.examples_per_step = objective.examples_per_step(cfg)
         #: the step's prompts: chunk s of seeded permutations of the prompts, cycled
         self.prompt_order = episode_order(self.prompts.num_rows, cfg.rollout_steps * cfg.prompts_per_step, seed)
         # Until the first rollout, every example is as long as the longest prompt + max_new_tokens:

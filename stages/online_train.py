@@ -45,7 +45,7 @@ def main(argv=None) -> None:
     objective = ONLINE_OBJECTIVES[algorithm.name](algorithm)
     world = PartialState(cpu=use_cpu()).num_processes
     minibatch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
-    per_step = cfg.prompts_per_step * cfg.num_responses // objective.responses_per_example
+    per_step = objective.examples_per_step(cfg)
     if per_step % minibatch:
         unit = "pairs" if objective.responses_per_example == 2 else "responses"
         raise PipelineError(f"online.per_device_train_batch_size: a minibatch of {minibatch} examples "
