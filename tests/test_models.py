@@ -1,4 +1,7 @@
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -96,3 +99,22 @@ def test_cpu_gqa_attention_matches_transformers_sdpa_with_padding(tiny_model_dir
         b = ref(input_ids=ids, attention_mask=mask).logits
     keep = mask.bool()
     torch.testing.assert_close(a[keep], b[keep], rtol=1e-5, atol=1e-5)
+
+
+def _openmp_env_after_import(**env: str) -> dict:
+    """OMP_WAIT_POLICY and GOMP_SPINCOUNT as a fresh interpreter sees them after importing the package."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    code = ("import json, os, rlhf_pipeline; "
+            "print(json.dumps({k: os.environ.get(k) for k in ('OMP_WAIT_POLICY', 'GOMP_SPINCOUNT')}))")
+    out = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout)
+
+
+def test_import_sets_a_short_openmp_spin_unless_the_user_chose():
+    assert _openmp_env_after_import() == {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": "2000"}
+    assert _openmp_env_after_import(GOMP_SPINCOUNT="300000") == {"OMP_WAIT_POLICY": None,
+                                                                 "GOMP_SPINCOUNT": "300000"}
+    # A wait policy the user set keeps libgomp's spin count for it (PASSIVE: none).
+    assert _openmp_env_after_import(OMP_WAIT_POLICY="PASSIVE") == {"OMP_WAIT_POLICY": "PASSIVE",
+                                                                    "GOMP_SPINCOUNT": None}
