@@ -6,8 +6,9 @@ max_new_tokens. The baseline is what one would write with transformers directly:
 attention, prompts in arrival order, `num_return_sequences=N`, `do_sample=True`. Tokens count
 generated tokens up to and including the end-of-turn token (padding after it is not counted).
 
-The compute limit: the best fp32 GFLOP/s of a decode-shaped (batch x 576 x 1536) and a square 2048
-matmul on all the process's threads, divided by 2 x parameters FLOP per generated token.
+The compute limit: the best GFLOP/s, in the run's dtype, of a decode-shaped (64 x 576 x 1536) and a
+square 2048 matmul on all the process's threads, divided by 2 x parameters FLOP per generated token
+(bf16 on a CPU with AMX: about 1,900 GFLOP/s, 5x float32's).
 
 With ``--compete``, the stage runs a second time beside one CPU-bound process (a pure-Python busy
 loop, as a browser tab or a second experiment would be) and the slowdown factor is printed.
