@@ -118,3 +118,31 @@ def test_import_sets_a_short_openmp_spin_unless_the_user_chose():
     # A wait policy the user set keeps libgomp's spin count for it (PASSIVE: none).
     assert _openmp_env_after_import(OMP_WAIT_POLICY="PASSIVE") == {"OMP_WAIT_POLICY": "PASSIVE",
                                                                     "GOMP_SPINCOUNT": None}
+
+
+def _faults_reallocating_256_mb(**env: str) -> tuple[int, int]:
+    """Minor page faults of the second of two 256 MB tensors (the first freed), in a fresh interpreter
+    that imported the package; and the pages the tensor spans."""
+    clean = {k: v for k, v in os.environ.items()
+             if k != "GLIBC_TUNABLES" and not (k.startswith("MALLOC_"))}
+    code = ("import resource, rlhf_pipeline, torch\n"
+            "a = torch.ones(2**26); del a\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+            "b = torch.ones(2**26)\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)")
+    out = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True,
+                         check=True)
+    return int(out.stdout), 2**28 // os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not os.confstr("CS_GNU_LIBC_VERSION"),
+                    reason="the malloc setting is glibc's")
+def test_import_makes_malloc_reuse_freed_memory_unless_the_user_set_malloc():
+    reused, pages = _faults_reallocating_256_mb()
+    # glibc's defaults: a block this large is a fresh mmap, every page faulted in again (zeroed).
+    fresh, _ = _faults_reallocating_256_mb(GLIBC_TUNABLES="glibc.malloc.perturb=0")
+    assert fresh > pages // 2, (fresh, pages)
+    assert reused < pages // 20, (reused, pages)
+    # Any MALLOC_* variable of the user's also leaves malloc as glibc has it.
+    user, _ = _faults_reallocating_256_mb(MALLOC_ARENA_MAX="2")
+    assert user > pages // 2, (user, pages)
