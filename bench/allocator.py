@@ -73,7 +73,7 @@ def main() -> None:
         if not (ROOT / needed).exists():
             raise SystemExit(f"{needed} is missing: run `make repro` first")
     base_env = {k: v for k, v in os.environ.items()
-                if k != "GLIBC_TUNABLES" and not (k.startswith("MALLOC_"))}
+                if k != "GLIBC_TUNABLES" and not k.startswith("MALLOC_")}
     settings = {"glibc default": {**base_env, "GLIBC_TUNABLES": "glibc.malloc.perturb=0"},
                 "package": base_env}
     for stage in args.stages:
