@@ -52,13 +52,14 @@ def commands(out: Path) -> dict[str, tuple[list[str], list[Path]]]:
 def run(stage: str, env: dict[str, str], out: Path) -> dict:
     """Run one stage command; its wall time (seconds), system time, minor faults, peak RSS (MB), digest."""
     cmd, outputs = commands(out)[stage]
+    log = out / f"{stage}.log"  # a file, not a pipe: a full pipe would block the stage's progress bar
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
+    with log.open("w") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{stage} failed:\n{proc.stderr.read()[-3000:]}")
-    proc.stderr.close()
+        raise SystemExit(f"{stage} failed:\n{log.read_text()[-3000:]}")
     metrics = json.loads((out / f"{stage}.json").read_text())
     digest = hashlib.md5(b"".join(p.read_bytes() for p in outputs)).hexdigest()
     return {"stage_seconds": metrics["seconds"], "wall": wall, "sys": usage.ru_stime,
