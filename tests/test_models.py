@@ -102,14 +102,19 @@ def test_cpu_gqa_attention_matches_transformers_sdpa_with_padding(tiny_model_dir
     torch.testing.assert_close(a[keep], b[keep], rtol=1e-5, atol=1e-5)
 
 
+def _fresh_interpreter(code: str, drop, **env: str) -> str:
+    """stdout of ``code`` run by a fresh interpreter (the package's import-time settings apply anew),
+    with the variables for which ``drop(name)`` is true removed from this environment and ``env`` added."""
+    clean = {k: v for k, v in os.environ.items() if not drop(k)}
+    return subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True,
+                          check=True).stdout
+
+
 def _openmp_env_after_import(**env: str) -> dict:
     """OMP_WAIT_POLICY and GOMP_SPINCOUNT as a fresh interpreter sees them after importing the package."""
-    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     code = ("import json, os, rlhf_pipeline; "
             "print(json.dumps({k: os.environ.get(k) for k in ('OMP_WAIT_POLICY', 'GOMP_SPINCOUNT')}))")
-    out = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True,
-                         check=True)
-    return json.loads(out.stdout)
+    return json.loads(_fresh_interpreter(code, lambda k: k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"), **env))
 
 
 def test_import_sets_a_short_openmp_spin_unless_the_user_chose():
@@ -126,16 +131,13 @@ def _faults_reallocating_256_mb(**env: str) -> tuple[int, int]:
     that imported the package; and the pages the tensor spans. (Smaller than the freed block: an
     aligned allocation asks glibc for a little more than its size, so a hole of exactly its size
     may be passed over.)"""
-    clean = {k: v for k, v in os.environ.items()
-             if k != "GLIBC_TUNABLES" and not k.startswith("MALLOC_")}
     code = ("import resource, rlhf_pipeline, torch\n"
             "a = torch.ones(2**27); del a\n"
             "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
             "b = torch.ones(2**26)\n"
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)")
-    out = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True,
-                         check=True)
-    return int(out.stdout), 2**28 // os.sysconf("SC_PAGE_SIZE")
+    faults = _fresh_interpreter(code, lambda k: k == "GLIBC_TUNABLES" or k.startswith("MALLOC_"), **env)
+    return int(faults), 2**28 // os.sysconf("SC_PAGE_SIZE")
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the malloc setting is glibc's")
