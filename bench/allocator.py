@@ -1,8 +1,9 @@
 """Memory allocator: the stages with the package's malloc settings against glibc's defaults.
 
 ``import rlhf_pipeline`` makes glibc's malloc keep freed memory (``rlhf_pipeline/__init__.py``).
-This runs the default pipeline's ``ref_logprobs@iter_1`` and ``train@iter_1`` commands on their
-real inputs (run it after ``make repro``), each twice, one after another: once with glibc's
+This runs the default pipeline's ``ref_logprobs@iter_1`` and ``train@iter_1`` commands (and
+``generate@iter_1`` if asked), as ``dvc.yaml`` resolves them, on their real inputs (run it after
+``make repro``), each twice, one after another: once with glibc's
 defaults (``GLIBC_TUNABLES=glibc.malloc.perturb=0``: a malloc setting of the user's, which makes the
 package leave malloc alone, and whose value is glibc's default) and once as the pipeline runs them.
 Outputs go to a temporary folder; the script checks that both runs wrote the same bytes.
@@ -20,38 +21,49 @@ import argparse
 import hashlib
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from rlhf_pipeline import is_malloc_setting
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def commands(out: Path) -> dict[str, tuple[list[str], list[Path]]]:
-    """Each stage's command on iteration 1's inputs, with outputs under ``out``, and its output files."""
-    py = [sys.executable, "-m"]
-    return {
-        "generate": (py + ["stages.generate", "--iteration", "iter_1", "--policy", "models/base",
-                           "--prompts", "data/prompts/train.parquet", "--out", str(out / "generations.parquet"),
-                           "--metrics", str(out / "generate.json")],
-                     [out / "generations.parquet"]),
-        "ref_logprobs": (py + ["stages.ref_logprobs", "--previous", "models/base", "--base", "models/base",
-                               "--pairs", "data/iter_1/pairs.parquet", "--out", str(out / "ref_logprobs.parquet"),
-                               "--metrics", str(out / "ref_logprobs.json")],
-                         [out / "ref_logprobs.parquet"]),
-        "train": (py + ["stages.train", "--iteration", "iter_1", "--policy", "models/base",
-                        "--pairs", "data/iter_1/pairs.parquet", "--ref-logprobs", "data/iter_1/ref_logprobs.parquet",
-                        "--out", str(out / "policy"), "--metrics", str(out / "train.json"),
-                        "--log", str(out / "train_log.tsv")],
-                  [out / "policy" / "model.safetensors"]),
-    }
+def commands(out: Path, stages: list[str]) -> dict[str, tuple[list[str], list[Path], Path]]:
+    """Each stage's command on iteration 1's inputs as ``dvc.yaml`` resolves it, its outputs moved
+    under ``out``; the outputs (files or folders) whose bytes the two runs must share (the cached
+    ones: not its metrics or logs, which hold timings); and its metrics file."""
+    from dvc.repo import Repo
+
+    with Repo(str(ROOT)) as repo:
+        resolved = {s.addressing: s for s in repo.index.stages}
+    found = {}
+    for name in stages:
+        stage = resolved[f"{name}@iter_1"]
+        argv = shlex.split(stage.cmd)
+        if argv[0] != "python":
+            raise SystemExit(f"{stage.addressing}: expected a python command, got {stage.cmd!r}")
+        argv[0] = sys.executable
+        compared = []
+        for o in stage.outs:  # every output to the scratch folder, nothing in the workspace touched
+            moved = out / Path(o.def_path).name
+            if o.def_path not in argv:
+                raise SystemExit(f"{stage.addressing}: output {o.def_path} is not an argument of {stage.cmd!r}")
+            argv[argv.index(o.def_path)] = str(moved)
+            if o.use_cache and not o.metric:
+                compared.append(moved)
+        metrics = [out / Path(o.def_path).name for o in stage.outs if o.metric]
+        found[name] = (argv, compared, metrics[0])
+    return found
 
 
 def run(stage: str, env: dict[str, str], out: Path) -> dict:
     """Run one stage command; its wall time (seconds), system time, minor faults, peak RSS (MB), digest."""
-    cmd, outputs = commands(out)[stage]
+    cmd, outputs, metrics_file = commands(out, [stage])[stage]
     log = out / f"{stage}.log"  # a file, not a pipe: a full pipe would block the stage's progress bar
     t0 = time.perf_counter()
     with log.open("w") as err:
@@ -60,8 +72,9 @@ def run(stage: str, env: dict[str, str], out: Path) -> dict:
     wall = time.perf_counter() - t0
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{stage} failed:\n{log.read_text()[-3000:]}")
-    metrics = json.loads((out / f"{stage}.json").read_text())
-    digest = hashlib.md5(b"".join(p.read_bytes() for p in outputs)).hexdigest()
+    metrics = json.loads(metrics_file.read_text())
+    files = [f for p in outputs for f in (sorted(p.rglob("*")) if p.is_dir() else [p])]
+    digest = hashlib.md5(b"".join(f.read_bytes() for f in files)).hexdigest()
     return {"stage_seconds": metrics["seconds"], "wall": wall, "sys": usage.ru_stime,
             "faults": usage.ru_minflt, "rss_mb": usage.ru_maxrss / 1024, "md5": digest}
 
@@ -73,8 +86,7 @@ def main() -> None:
     for needed in ("models/base", "data/iter_1/pairs.parquet", "data/iter_1/ref_logprobs.parquet"):
         if not (ROOT / needed).exists():
             raise SystemExit(f"{needed} is missing: run `make repro` first")
-    base_env = {k: v for k, v in os.environ.items()
-                if k != "GLIBC_TUNABLES" and not k.startswith("MALLOC_")}
+    base_env = {k: v for k, v in os.environ.items() if not is_malloc_setting(k)}
     settings = {"glibc default": {**base_env, "GLIBC_TUNABLES": "glibc.malloc.perturb=0"},
                 "package": base_env}
     for stage in args.stages:

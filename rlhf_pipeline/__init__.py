@@ -19,6 +19,12 @@ if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "2000")
 
 
+def is_malloc_setting(name: str) -> bool:
+    """Whether the environment variable ``name`` configures glibc's malloc (``GLIBC_TUNABLES`` or a
+    ``MALLOC_*`` name). If the user sets any, the package leaves malloc as they have it."""
+    return name == "GLIBC_TUNABLES" or name.startswith("MALLOC_")
+
+
 def _keep_freed_memory() -> None:
     """Make glibc's malloc keep freed memory for the next allocation instead of returning it.
 
@@ -32,8 +38,7 @@ def _keep_freed_memory() -> None:
     arithmetic: the outputs are the same bytes.
     Any MALLOC_* variable or GLIBC_TUNABLES the user sets wins: then nothing is changed.
     """
-    if "GLIBC_TUNABLES" in os.environ or any(
-            k.startswith("MALLOC_") for k in os.environ):
+    if any(is_malloc_setting(k) for k in os.environ):
         return
     try:
         libc_version = os.confstr("CS_GNU_LIBC_VERSION") or ""

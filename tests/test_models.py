@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from rlhf_pipeline import is_malloc_setting
 from rlhf_pipeline.errors import PipelineError
 from rlhf_pipeline.models import (CPU_GQA_ATTENTION, _drop_quantization, load_policy, load_tokenizer,
                                   prepare_base_model, resolve_dtype, resolve_model_source)
@@ -136,7 +137,7 @@ def _faults_reallocating_256_mb(**env: str) -> tuple[int, int]:
             "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
             "b = torch.ones(2**26)\n"
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)")
-    faults = _fresh_interpreter(code, lambda k: k == "GLIBC_TUNABLES" or k.startswith("MALLOC_"), **env)
+    faults = _fresh_interpreter(code, is_malloc_setting, **env)
     return int(faults), 2**28 // os.sysconf("SC_PAGE_SIZE")
 
 
