@@ -146,29 +146,24 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def cpu_prefers_bf16() -> bool:
-    """Whether bf16 runs this pipeline faster than float32 on this CPU: AMX tiles present.
-
-    AVX-512 BF16 alone is not enough: on an AMD EPYC Zen 5 (AVX-512 BF16, no AMX) a bf16 matmul
-    ran 4x float32's GFLOP/s, yet the bf16 sampler ran 1.53x slower than float32 (126.7 against
-    194.4 tok/s, ``bench/generate.py --skip-baseline --prompts 16``), its element-wise ops and
-    attention costing more than the matmuls save; on an Intel Xeon with AMX it ran 1.47x faster.
-    """
-    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX tiles)."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto``: bfloat16 where the device runs it faster than float32, else float32.
+    """``auto``: bfloat16 where the device computes it natively, else float32.
 
-    On CUDA that is compute capability 8.0+ (``torch.cuda.is_bf16_supported``); on a CPU, AMX
-    (:func:`cpu_prefers_bf16`). Without native bf16 oneDNN emulates it: on this project's AVX2
-    machine a bf16 ``linear`` measured about 7x slower than float32, and generation 4x slower.
+    On CUDA that is compute capability 8.0+ (``torch.cuda.is_bf16_supported``); on a CPU,
+    AVX-512 BF16 or AMX. Without them oneDNN emulates bf16: on this project's AVX2 machine a bf16
+    ``linear`` measured about 7x slower than float32, and generation 4x slower.
     """
     if name != "auto":
         return getattr(torch, name)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.bfloat16 if device.type == "cpu" and cpu_prefers_bf16() else torch.float32
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else torch.float32
 
 
 #: ``attn_implementation`` name of :func:`cpu_gqa_sdpa_attention`, registered on first use.

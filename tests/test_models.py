@@ -88,11 +88,11 @@ def test_dtype_resolution():
 
 
 @pytest.mark.parametrize("amx, avx512_bf16, expected", [
-    (True, True, torch.bfloat16),     # Intel Xeon with AMX: bf16 sampled 1.47x faster
-    (False, True, torch.float32),     # AMD Zen 5, AVX-512 BF16 only: bf16 sampled 1.53x slower
+    (True, True, torch.bfloat16),     # Intel Xeon with AMX
+    (False, True, torch.bfloat16),    # AMD Zen 5: AVX-512 BF16, no AMX
     (False, False, torch.float32),    # AVX2: bf16 emulated
 ])
-def test_auto_dtype_on_cpu_is_bf16_only_with_amx(monkeypatch, amx, avx512_bf16, expected):
+def test_auto_dtype_on_cpu_is_bf16_where_computed_natively(monkeypatch, amx, avx512_bf16, expected):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
     assert resolve_dtype("auto", torch.device("cpu")) == expected
