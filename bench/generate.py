@@ -99,7 +99,7 @@ def main() -> None:
     cfg = GenerateParams(num_responses=args.responses, max_new_tokens=args.max_new_tokens,
                          batch_size=args.batch_size, dtype=args.dtype)
     device = default_device()
-    dtype = resolve_dtype(cfg.dtype, device)
+    dtype = resolve_dtype(cfg.dtype, device, "sampling")
     print(f"{len(prompts)} prompts x {cfg.num_responses} responses, max_new_tokens={cfg.max_new_tokens}, "
           f"batch_size={cfg.batch_size}, dtype={dtype}, device={device.type}, threads={torch.get_num_threads()}")
 

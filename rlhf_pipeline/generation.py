@@ -195,7 +195,7 @@ def run_generation(model_dir: str | Path, prompts: list[tuple[str, str]], cfg: S
     torch.manual_seed(seed)  # nothing should draw from the global generator; this pins it if it does
     tokenizer = load_tokenizer(model_dir)
     device = default_device()
-    dtype = resolve_dtype(cfg.dtype, device)
+    dtype = resolve_dtype(cfg.dtype, device, "sampling")
     t0 = time.perf_counter()
     if cfg.backend == "vllm":
         responses = generate_vllm(model_dir, tokenizer, prompts, cfg, seed, str(dtype).removeprefix("torch."))

@@ -35,6 +35,9 @@ class AdaptiveKLController:
 
     where KL_t is the mean sequence KL (nats) of the step's rollouts and n_steps the episodes in it
     (TRL's ``AdaptiveKLController``). β rises when the policy drifts past the target, falls below it.
+    The clipped error bounds each step's factor to [1 − 0.2 K_β, 1 + 0.2 K_β]; β stays positive only
+    while K_β < 5, so a step of more than 5 × horizon episodes is refused (``online.*.kl_horizon`` is
+    validated against the episodes per step before any work: ``params.OnlineParams``).
     """
 
     def __init__(self, beta: float, target: float, horizon: int):
@@ -44,7 +47,15 @@ class AdaptiveKLController:
 
     def update(self, kl: float, n_steps: int) -> float:
         """Move β after a step whose rollouts had mean sequence KL ``kl`` (nats) over ``n_steps``
-        episodes; returns the new β."""
+        episodes; returns the new β.
+
+        Raises:
+            ValueError: ``n_steps`` ≥ 5 × horizon (the factor could reach 0 or below: a negative β
+                would reward the KL it should penalise).
+        """
+        if n_steps >= 5 * self.horizon:
+            raise ValueError(f"the adaptive KL controller's horizon {self.horizon} is too short for {n_steps} episodes "
+                             "per step: β could turn negative (it needs horizon > n_steps / 5)")
         error = min(max(kl / self.target - 1.0, -0.2), 0.2)
         self.beta *= 1.0 + error * n_steps / self.horizon
         return self.beta

@@ -54,7 +54,8 @@ def quantization_config(cfg: LoraParams | None):
                               bnb_4bit_compute_dtype=torch.bfloat16)
 
 
-def apply_lora(model, cfg: LoraParams, task_type: str, gradient_checkpointing: bool = False):
+def apply_lora(model, cfg: LoraParams, task_type: str, gradient_checkpointing: bool = False,
+               section: str = "train"):
     """Wrap ``model`` with fresh LoRA factors on ``cfg.target_modules``; only they (and, for a
     reward model, its new score head) train.
 
@@ -63,19 +64,32 @@ def apply_lora(model, cfg: LoraParams, task_type: str, gradient_checkpointing: b
     (reward models: the head, new and untrained, is saved and trained in full).
     The factors are drawn from torch's global RNG: seed it first.
 
+    ``section``: the params section of ``cfg`` (``train``, ``sft``, ``reward_model``), for errors.
+
     Raises:
-        PipelineError: a target module name that matches no layer of the model.
+        PipelineError: a target module name that matches no layer of the model, or the output head
+            when its weight is tied to the input embeddings (merging its factors would change the
+            embeddings too, so the saved model would not be the trained one).
     """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    key = f"{section}.lora.target_modules"
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = inputs is not None and outputs is not None and outputs.weight is inputs.weight
     if cfg.load_in_4bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     config = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
                         bias="none", task_type=task_type)
     try:
-        return get_peft_model(model, config)
+        wrapped = get_peft_model(model, config)
     except ValueError as exc:  # peft: "Target modules {...} not found in the base model"
-        raise PipelineError(f"lora.target_modules {cfg.target_modules!r}: {' '.join(str(exc).split())[:300]}") from None
+        raise PipelineError(f"{key} {cfg.target_modules!r}: {' '.join(str(exc).split())[:300]}") from None
+    if tied and hasattr(wrapped.get_base_model().get_output_embeddings(), "lora_A"):
+        raise PipelineError(f"{key} {cfg.target_modules!r}: the output head shares its weight with the input "
+                            "embeddings (tie_word_embeddings), so merging its LoRA factors would change the "
+                            "embeddings too and the saved model would differ from the trained one; leave the "
+                            "head out of target_modules ('all-linear' already does)")
+    return wrapped
 
 
 def save_lora(model, out_dir: str | os.PathLike, load_base=None) -> None:

@@ -25,8 +25,11 @@ def rebel_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_c
         loss     = mean(reg_diff²)
 
     The reference implementation (ZhaolinGao/REBEL) minimises ((Δ log-ratio) − η (Δr))², the same
-    objective scaled by η²: the minimiser is identical, and with AdamW (invariant to a constant
-    scale of the loss, up to eps) the updates barely differ.
+    objective scaled by η²: the minimiser is identical, and AdamW is invariant to a constant scale
+    of the loss (up to eps) but gradient clipping is not: the gradient norm here is 1/η² times the
+    reference's, so with η ≠ 1 ``max_grad_norm`` clips at another point of training than the same
+    value does in the reference (η < 1: here more often; η > 1: less). To match the reference's
+    clipping, scale ``max_grad_norm`` by 1/η².
 
     Args:
         policy_chosen, policy_rejected, ref_chosen, ref_rejected: (batch,) summed log-probs, nats.

@@ -152,18 +152,51 @@ def cpu_has_native_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto``: bfloat16 where the device computes it natively, else float32.
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (Intel Xeon 4th generation and later)."""
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
-    On CUDA that is compute capability 8.0+ (``torch.cuda.is_bf16_supported``); on a CPU,
-    AVX-512 BF16 or AMX. Without them oneDNN emulates bf16: on this project's AVX2 machine a bf16
-    ``linear`` measured about 7x slower than float32, and generation 4x slower.
+
+#: The kinds of work ``dtype: auto`` is decided for: ``sampling`` (token-by-token decoding: batch
+#: rows × 1 token per step, memory-bound small matmuls) and ``forward`` (full-sequence passes:
+#: log-probs, KL, scoring, training; large matmuls).
+WORK = ("sampling", "forward")
+
+
+def resolve_dtype(name: str, device: torch.device, work: str = "forward") -> torch.dtype:
+    """``auto``: bfloat16 where the device computes it natively and it pays for ``work``, else float32.
+
+    On CUDA: compute capability 8.0+ (``torch.cuda.is_bf16_supported``), for both kinds of work.
+    On a CPU (docs/dtype.md has the measurements):
+
+    ==========================  ==================  =====================
+    CPU                          ``sampling``        ``forward``
+    ==========================  ==================  =====================
+    AMX (Xeon 4th gen +)         bf16 (1.10x)        bf16
+    AVX-512 BF16, no AMX (Zen 4/5) float32 (1.5-1.6x) bf16 (about 2x)
+    AVX2 only                    float32 (bf16 4x slower, emulated)  float32 (7x)
+    ==========================  ==================  =====================
+
+    Decoding without AMX runs bf16 through AVX-512 BF16 dot products on one token per row, where
+    converting the float32 activations costs more than the narrower weights save; full-sequence
+    passes have the large matmuls that AVX-512 BF16 speeds up.
+
+    Args:
+        work: one of :data:`WORK`.
+
+    Raises:
+        ValueError: an unknown ``work``.
     """
+    if work not in WORK:
+        raise ValueError(f"work: {work!r} is not one of {WORK}")
     if name != "auto":
         return getattr(torch, name)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else torch.float32
+    if device.type != "cpu":
+        return torch.float32
+    native = cpu_has_amx() if work == "sampling" else cpu_has_native_bf16()
+    return torch.bfloat16 if native else torch.float32
 
 
 #: ``attn_implementation`` name of :func:`cpu_gqa_sdpa_attention`, registered on first use.

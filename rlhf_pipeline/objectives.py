@@ -181,6 +181,11 @@ class PairwiseTask:
         #: KL figures of every pairwise objective, then the objective's own
         self.metric_names = ("kl_chosen", "kl_rejected", *objective.metric_names)
 
+    def loss_units(self, idx: list[int]) -> int:
+        """Every pairwise objective is a mean over pairs (``losses``): the loop weighs a micro-batch by
+        its pairs (``training.backward_minibatch``)."""
+        return len(idx)
+
     def tokens(self, idx: list[int]) -> int:
         """Tokens one forward pass over these pairs processes (prompt twice, both responses)."""
         return sum(2 * len(self.prompts[i]) + len(self.chosen[i]) + len(self.rejected[i]) for i in idx)
@@ -241,6 +246,12 @@ class SftTask:
         self.prompts, self.responses, self.pad_id = prompt_ids, response_ids, pad_id
         #: tokens per demonstration, prompt + response: for length grouping and the context check
         self.lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
+
+    def loss_units(self, idx: list[int]) -> int:
+        """The SFT loss is a mean over response tokens: the loop weighs a micro-batch by its response
+        tokens, so the update's loss is the NLL per token of the whole minibatch (as TRL's
+        SFTTrainer with transformers' ``num_items_in_batch``), not a mean of per-micro-batch means."""
+        return sum(len(self.responses[i]) for i in idx)
 
     def tokens(self, idx: list[int]) -> int:
         """Tokens one forward pass over these demonstrations processes."""
@@ -316,6 +327,10 @@ class RewardModelTask:
 
     def load_model(self, model_dir, dtype: torch.dtype, device: torch.device, quantization_config=None):
         return load_reward_model_for_training(model_dir, dtype, device, self.pad_id, quantization_config)
+
+    def loss_units(self, idx: list[int]) -> int:
+        """The Bradley–Terry loss (and its centring term) is a mean over pairs."""
+        return len(idx)
 
     def tokens(self, idx: list[int]) -> int:
         """Tokens one forward pass over these pairs processes (both sides)."""

@@ -19,7 +19,8 @@ The objectives share rollouts and differ in what they make of them (``online.alg
   OpenRLHF's PPO: the value loss's gradients then never move the policy. It costs a second
   forward and backward pass per minibatch.
 - ``rloo``: the leave-one-out baseline over a prompt's k responses of the score less β·KL, one
-  advantage per response under PPO's clipped ratio (as TRL's RLOOTrainer).
+  advantage and one clipped ratio per response (summed log-probs), averaged over responses (as TRL's
+  RLOOTrainer).
 - ``grpo``: group-normalised advantages of the score, clipped ratio, k3 KL to π_ref in the loss.
 - ``rebel``: a prompt's responses in consecutive pairs, the REBEL regression (``losses.rebel_loss``)
   with the sampling policy πθ_old as π_t and the score less β·KL(πθ_old ‖ π_ref) as the reward.
@@ -40,7 +41,8 @@ from rlhf_pipeline.kl_control import AdaptiveKLController, FixedKLController
 from rlhf_pipeline.logprobs import (length_grouped_batches, sequence_logprobs, token_logprobs,
                                     token_logprobs_and_values)
 from rlhf_pipeline.losses import rebel_loss
-from rlhf_pipeline.policy_gradient import clipped_surrogate_loss, clipped_value_loss, grpo_loss
+from rlhf_pipeline.policy_gradient import (clipped_surrogate_loss, clipped_value_loss, grpo_loss,
+                                          sequence_clipped_loss)
 from rlhf_pipeline.rollouts import Rollouts, collect_rollouts, rollouts_from_table
 from rlhf_pipeline.schemas import ROLLOUTS
 
@@ -112,6 +114,12 @@ class OnlineObjective:
         """Tokens per example (prompt + response): for length grouping."""
         return [len(p) + len(t) for p, t in zip(r.prompt_tokens, r.response_tokens)]
 
+    def loss_units(self, r: Rollouts, idx: list[int]) -> int:
+        """What :meth:`loss` is a mean over, for examples ``idx``: examples (responses or pairs) by
+        default; response tokens for a token-mean loss (PPO). The loop weighs micro-batches by it
+        (``training.backward_minibatch``)."""
+        return len(idx)
+
     def tokens(self, r: Rollouts, idx: list[int]) -> int:
         """Tokens one forward pass over examples ``idx`` processes."""
         return sum(len(r.prompt_tokens[i]) + len(r.response_tokens[i]) for i in idx)
@@ -149,6 +157,10 @@ class Ppo(OnlineObjective):
             return FixedKLController(self.cfg.kl_coef)
         return AdaptiveKLController(self.cfg.kl_coef, self.cfg.kl_target, self.cfg.kl_horizon)
 
+    def loss_units(self, r, idx):
+        # both losses are means over the minibatch's response tokens (TRL's PPOTrainer: masked_mean)
+        return sum(len(r.response_tokens[i]) for i in idx)
+
     def prepare(self, r, values, beta):
         rewards, _ = kl_penalized_rewards(r.rewards.float(), r.logprobs, r.ref_logprobs, r.mask, beta)
         advantages, returns = gae(rewards, values, r.mask, self.cfg.gamma, self.cfg.lam)
@@ -171,20 +183,26 @@ class Ppo(OnlineObjective):
 
 
 class Rloo(OnlineObjective):
-    """RLOO (Ahmadian et al. 2024; ``advantages.rloo_advantages``) on the score less β·KL, one
-    advantage per response under PPO's clipped ratio (Schulman et al. 2017, Eq. 7). Figures: clip
-    fraction, approximate KL(πθ_old ‖ πθ) per token."""
+    """RLOO as TRL's RLOOTrainer (the 0.x trainer of the RLOO paper's setting): REINFORCE on whole
+    responses (Ahmadian et al. 2024, arXiv 2402.14740, Eq. 5) with the leave-one-out baseline over a
+    prompt's k responses (``advantages.rloo_advantages``) of the score less β·KL, and PPO's clipped
+    ratio (Schulman et al. 2017, Eq. 7) taken once per *sequence*, on summed log-probs, averaged
+    over sequences (``policy_gradient.sequence_clipped_loss``). Sequence-level because the paper
+    models the whole response as one action: a per-token ratio with a token mean (PPO's) would weigh
+    long responses more and clip tokens separately. Figures: the share of responses whose ratio
+    was clipped, approximate KL(πθ_old ‖ πθ) per response (½ (log ρ)², nats)."""
 
     metric_names = ("clip_fraction", "approx_kl")
 
     def prepare(self, r, values, beta):
-        return {"advantages": rloo_advantages(r.groups(_sequence_reward(r, beta))).reshape(-1)}
+        return {"advantages": rloo_advantages(r.groups(_sequence_reward(r, beta))).reshape(-1),
+                "old_logprobs": (r.logprobs * r.mask).sum(1)}
 
     def loss(self, model, r, prep, idx, pad_id, temperature):
-        logps, mask = token_logprobs(model, *_rows(r, idx), pad_id, temperature)
-        t, dev = mask.shape[1], mask.device
-        loss, clip_fraction, approx_kl = clipped_surrogate_loss(
-            logps, r.logprobs[idx, :t].to(dev), prep["advantages"][idx].to(dev)[:, None], mask, self.cfg.clip)
+        logps = sequence_logprobs(model, *_rows(r, idx), pad_id, temperature)
+        dev = logps.device
+        loss, clip_fraction, approx_kl = sequence_clipped_loss(
+            logps, prep["old_logprobs"][idx].to(dev), prep["advantages"][idx].to(dev), self.cfg.clip)
         return loss, [clip_fraction, approx_kl]
 
 
@@ -257,6 +275,35 @@ ONLINE_OBJECTIVES: dict[str, type[OnlineObjective]] = {"ppo": Ppo, "rloo": Rloo,
 ROLLOUT_METRICS = ("reward", "score", "kl", "entropy", "response_length", "truncated", "beta")
 
 
+def step_prompt_order(num_prompts: int, steps: int, per_step: int, seed: int) -> list[list[int]]:
+    """Prompt rows of each rollout step: consecutive chunks of ``per_step`` from seeded permutations
+    of the prompts, one per epoch, concatenated (``training.episode_order``), except that a prompt
+    already in the step being filled (where two permutations meet) is held back for the next step.
+    A step then never samples one prompt twice, which would make the step short (its responses are
+    keyed by prompt) and double that prompt's weight. When ``per_step`` divides the prompts, or the
+    steps stay within one permutation, the chunks are exactly the permutations' slices.
+
+    Raises:
+        PipelineError: ``per_step`` larger than ``num_prompts``.
+    """
+    from rlhf_pipeline.training import episode_order
+
+    if per_step > num_prompts:
+        raise PipelineError(f"online.prompts_per_step: {per_step} prompts per step, but there are {num_prompts}")
+    stream = iter(episode_order(num_prompts, (steps + 1) * per_step + num_prompts, seed))
+    held: list[int] = []
+    order = []
+    for _ in range(steps):
+        chunk: list[int] = []
+        candidates, held = held, []
+        while len(chunk) < per_step:
+            row = candidates.pop(0) if candidates else next(stream)
+            (held if row in chunk else chunk).append(row)
+        held.extend(candidates)
+        order.append(chunk)
+    return order
+
+
 class OnlineTask:
     """Rollout steps on ``prompts`` for an :class:`OnlineObjective`, as a task of the one loop.
 
@@ -276,7 +323,6 @@ class OnlineTask:
                  missing_eos_penalty: float | None, seed: int, where: str, progress: bool = False):
         from rlhf_pipeline.chat import prompt_token_ids
         from rlhf_pipeline.params import SamplingParams
-        from rlhf_pipeline.training import episode_order
 
         if prompts.num_rows < cfg.prompts_per_step:
             raise PipelineError(f"online.prompts_per_step: {cfg.prompts_per_step} prompts per step, but {where} has "
@@ -294,8 +340,8 @@ class OnlineTask:
                                        temperature=cfg.temperature, top_p=cfg.top_p,
                                        batch_size=cfg.generation_batch_size, dtype=cfg.dtype)
         self.examples_per_step = objective.examples_per_step(cfg)
-        #: the step's prompts: chunk s of seeded permutations of the prompts, cycled
-        self.prompt_order = episode_order(self.prompts.num_rows, cfg.rollout_steps * cfg.prompts_per_step, seed)
+        #: per rollout step, its prompts' rows: chunk s of seeded permutations of the prompts, no prompt twice
+        self.step_prompts = step_prompt_order(self.prompts.num_rows, cfg.rollout_steps, cfg.prompts_per_step, seed)
         # Until the first rollout, every example is as long as the longest prompt + max_new_tokens:
         # the loop's context check sees the bound before any sampling.
         self.lengths = [max(map(len, self.prompt_tokens.values())) + cfg.max_new_tokens] * self.examples_per_step
@@ -340,7 +386,7 @@ class OnlineTask:
             return
         step = episodes // self.episodes_per_step
         t0 = time.perf_counter()
-        chunk = self.prompt_order[step * self.cfg.prompts_per_step:(step + 1) * self.cfg.prompts_per_step]
+        chunk = self.step_prompts[step]
         r = collect_rollouts(self.policy_of(model), self.reference, self.tokenizer, self.prompts.take(sorted(chunk)),
                              self.sampling, self.scorers, self.seed, step, self.missing_eos_penalty,
                              self.cfg.logprob_batch_size, progress=self.progress)
@@ -372,6 +418,9 @@ class OnlineTask:
 
     def tokens(self, idx: list[int]) -> int:
         return self.objective.tokens(self.rollouts, idx)
+
+    def loss_units(self, idx: list[int]) -> int:
+        return self.objective.loss_units(self.rollouts, idx)
 
     def forward(self, model, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The objective's loss on examples ``idx`` of the current step, and (step figures,

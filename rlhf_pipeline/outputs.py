@@ -69,6 +69,7 @@ def output_group() -> Iterator[None]:
     token = _GROUP.set(pending)
     try:
         yield
+        _check_targets(pending)
         # Held by a Python handler, not a signal mask: a mask holds a signal back from this thread
         # only, and a process-directed SIGTERM may land on any thread (tokenizers', OpenMP's);
         # Python then runs its handler in the main thread at once, between two renames.
@@ -89,6 +90,22 @@ def output_group() -> Iterator[None]:
             _remove(tmp)
 
 
+def _check_targets(pending: list[tuple[Path, Path]]) -> None:
+    """Every rename of a group must be possible before the first is made: a file cannot replace a
+    folder (nor a folder a file), so such a target would fail half-way through the group.
+
+    Raises:
+        PipelineError: naming the first target that cannot be replaced; nothing is renamed.
+    """
+    for tmp, final in pending:
+        if final.is_symlink() or not final.exists():
+            continue
+        if tmp.is_dir() != final.is_dir():
+            what = "a folder" if final.is_dir() else "a file"
+            raise PipelineError(f"{final}: is {what}, where the stage writes {'a folder' if tmp.is_dir() else 'a file'}; "
+                                "move it away (no output of the stage was replaced)")
+
+
 def _clear_stale_temporaries(final: Path) -> None:
     # A SIGKILLed earlier run can leave its temporary sibling behind; it is never a valid output.
     for stale in final.parent.glob(f".{final.name}{_TMP_MARK}*"):
@@ -102,25 +119,48 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     On an exception the temporary file is removed and ``path`` is left as it was.
     """
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    _clear_stale_temporaries(final)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}{_TMP_MARK}", dir=final.parent)
+    _prepare(final)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}{_TMP_MARK}", dir=final.parent)
+    except OSError as exc:
+        raise PipelineError(f"{final}: cannot write in {final.parent} ({exc.strerror or exc})") from None
     os.close(fd)
     yield from _finish(Path(tmp_name), final)
 
 
 def _finish(tmp: Path, final: Path) -> Iterator[Path]:
-    """Yield ``tmp``; then install it, or hand it to the open output group; remove it on failure."""
+    """Yield ``tmp``; then install it, or hand it to the open output group; remove it on failure.
+
+    Raises:
+        PipelineError: the file system refused the write (disk full, permissions, …), naming ``final``.
+    """
     try:
         yield tmp
         group = _GROUP.get()
         if group is None:
+            _check_targets([(tmp, final)])
             _install(tmp, final)
         else:
             group.append((tmp, final))
+    except OSError as exc:
+        _remove(tmp)
+        raise PipelineError(f"{final}: cannot write the output ({exc.strerror or exc}); nothing was replaced") from None
     except BaseException:
         _remove(tmp)
         raise
+
+
+def _prepare(final: Path) -> None:
+    """Create ``final``'s folder and clear stale temporaries beside it.
+
+    Raises:
+        PipelineError: the folder cannot be made or written (a parent that is a file, no permission).
+    """
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        _clear_stale_temporaries(final)
+    except OSError as exc:
+        raise PipelineError(f"{final}: cannot create the output's folder {final.parent} ({exc.strerror or exc})") from None
 
 
 @contextlib.contextmanager
@@ -130,9 +170,11 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     On an exception the temporary folder is removed and ``path`` is left as it was.
     """
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    _clear_stale_temporaries(final)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}{_TMP_MARK}", dir=final.parent))
+    _prepare(final)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}{_TMP_MARK}", dir=final.parent))
+    except OSError as exc:
+        raise PipelineError(f"{final}: cannot write in {final.parent} ({exc.strerror or exc})") from None
     yield from _finish(tmp, final)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import reprlib
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal, Union
@@ -26,6 +27,10 @@ PROMPT_SOURCES_DIR = "data/sources"
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
+#: ``online.algorithms`` keys: each becomes a DVC stage name, a folder (``online/models/<key>``) and
+#: a word of a shell command, so nothing that a shell or a path would read as syntax.
+ALGORITHM_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
 
 def _not_a_boolean(value: object) -> object:
     # YAML's `true` is a bool, and Python's bool is an int: without this a float key accepts it as 1.0.
@@ -36,8 +41,16 @@ def _not_a_boolean(value: object) -> object:
 
 #: An integer key: `true`, `3.0` and `"3"` are errors, not 1 and 3.
 Int = Annotated[int, Strict()]
-#: A real-valued key: an int or float (or a YAML string such as `1e-4`), never a boolean.
-Number = Annotated[float, BeforeValidator(_not_a_boolean)]
+def _finite(value: float) -> float:
+    # YAML's .inf and .nan are floats: a learning rate or temperature of .inf validated, trained and
+    # saved a model of NaN weights with exit 0. No key of the pipeline means anything infinite.
+    if not math.isfinite(value):
+        raise ValueError("expected a finite number")
+    return value
+
+
+#: A real-valued key: an int or float (or a YAML string such as `1e-4`), finite, never a boolean.
+Number = Annotated[float, BeforeValidator(_not_a_boolean), AfterValidator(_finite)]
 #: A switch: only `true` or `false`.
 Bool = Annotated[bool, Strict()]
 
@@ -145,12 +158,6 @@ class SequenceClassificationOptions(_Section):
 class _Scorer(_Section):
     weight: Number = Field(1.0, description="the reward is the weighted sum of the scorers' values")
 
-    @model_validator(mode="after")
-    def _finite_weight(self):
-        if not math.isfinite(self.weight):
-            raise ValueError(f"weight: must be finite, got {self.weight}")
-        return self
-
 
 class IFEvalScorer(_Scorer):
     """Verifiable instruction-following reward (IFEval checkers, loose fraction followed)."""
@@ -175,7 +182,8 @@ class RewardParams(_Section):
     scorers: list[Scorer] = Field(default_factory=lambda: [IFEvalScorer(name="ifeval")], min_length=1)
     missing_eos_penalty: Number | None = Field(
         1.0, gt=0, description="subtracted from the training reward of a response cut at max_new_tokens "
-                                "(TRL's missing_eos_penalty; REBEL's non-EOS penalty); evaluate never applies it")
+                                "(TRL's missing_eos_penalty, a subtraction; the REBEL reference instead replaces the score with a "
+                                "constant); evaluate never applies it")
 
     @model_validator(mode="after")
     def _unique_names(self) -> "RewardParams":
@@ -305,7 +313,9 @@ class PpoAlgorithm(_Section):
     kl_coef: Number = Field(0.05, ge=0, description="β of the per-token KL penalty (the initial β when adaptive)")
     kl_target: Number | None = Field(None, gt=0, description="adaptive KL controller (Ziegler et al. 2019): the "
                                      "target KL per response, nats; null: β fixed")
-    kl_horizon: Int = Field(10_000, gt=0, description="adaptive KL controller's horizon, responses")
+    kl_horizon: Int = Field(10_000, gt=0, description="adaptive KL controller's horizon, responses; at least the "
+                            "responses of one rollout step (prompts_per_step × num_responses), so one step moves β "
+                            "by at most ±20 % and β stays positive")
 
 
 class RlooAlgorithm(_Section):
@@ -377,14 +387,33 @@ class OnlineParams(OptimizerParams):
     epochs: Literal[1] = Field(1, description="not used: the updates are rollout_steps × num_ppo_epochs passes")
     total_episodes: Int | None = Field(None, description="leave null: the stage sets it from rollout_steps, "
                                        "prompts_per_step, num_responses and num_ppo_epochs")
-    dtype: Dtype = Field("float32", description="of training and of the rollouts' log-probs (as train.dtype)")
+    dtype: Dtype = Field(
+        "float32", description="of sampling, training and the rollouts' log-probs: float32 only. In bf16 the "
+        "old log-probs and values (no-grad, float32 weights), the new ones (bf16 autocast) and π_ref's would each "
+        "round differently: at step 0 |log πθ − log πθ_old| was 2.7e-3 instead of 4.8e-7, noise in every "
+        "ratio before any update")
     lora: None = Field(None, description="not wired for online RL (the critic and the sampler use full weights)")
 
     @model_validator(mode="after")
-    def _pairs_for_rebel(self) -> "OnlineParams":
+    def _check_online(self) -> "OnlineParams":
+        if self.dtype != "float32":
+            raise ValueError(f"dtype: online RL runs in float32 only (got {self.dtype!r}): in bf16 the rollout's "
+                             "log-probs, the trained policy's and π_ref's round differently (|log-ratio| 2.7e-3 "
+                             "at step 0 instead of 4.8e-7), noise in every ratio before any update")
         if self.total_episodes is not None:
             raise ValueError("total_episodes: leave null; the episodes are rollout_steps x prompts_per_step x "
                              "num_responses x num_ppo_epochs")
+        for key in self.algorithms:
+            if not ALGORITHM_KEY.fullmatch(key):
+                raise ValueError(f"algorithms: the key {short_repr(key)} is not a plain name: it becomes a stage name, "
+                                 "a folder and a word of a shell command in online/dvc.yaml; use letters, digits, "
+                                 "'_' and '-' (at most 64, starting with a letter or digit)")
+        per_step = self.prompts_per_step * self.num_responses
+        for key, algorithm in self.algorithms.items():
+            if getattr(algorithm, "kl_target", None) is not None and algorithm.kl_horizon < per_step:
+                raise ValueError(f"algorithms.{key}.kl_horizon: {algorithm.kl_horizon} is shorter than the {per_step} "
+                                 "responses of one rollout step (prompts_per_step × num_responses); the adaptive "
+                                 "controller would move β by more than 20 % a step, and below 0 past 5x")
         if self.num_responses % 2 and any(a.name == "rebel" for a in self.algorithms.values()):
             raise ValueError(f"num_responses: rebel pairs a prompt's responses, so it needs an even number "
                              f"(got {self.num_responses})")
@@ -640,4 +669,62 @@ def load_params(path: str | os.PathLike = PARAMS_FILE) -> Params:
         raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as exc:
         raise PipelineError(f"{p}: not valid YAML ({exc})") from None
-    return parse_params(raw, str(p))
+    params = parse_params(raw, str(p))
+    check_same_as_dvc(raw, text, str(p))  # after the schema: its errors come first, and a valid file is small
+    return params
+
+
+def _same_meaning(ours: object, dvcs: object) -> bool:
+    if isinstance(ours, dict) and isinstance(dvcs, dict):
+        return ours.keys() == dvcs.keys() and all(_same_meaning(ours[k], dvcs[k]) for k in ours)
+    if isinstance(ours, list) and isinstance(dvcs, list):
+        return len(ours) == len(dvcs) and all(map(_same_meaning, ours, dvcs))
+    if isinstance(ours, str) and isinstance(dvcs, float) and not isinstance(dvcs, bool):
+        # `1e-4` is a string to YAML 1.1 and a float to YAML 1.2; the schema reads the string as that float
+        try:
+            return float(ours) == dvcs
+        except ValueError:
+            return False
+    return type(ours) is type(dvcs) and ours == dvcs
+
+
+def _first_difference(ours: object, dvcs: object, path: str = "") -> str:
+    if isinstance(ours, dict) and isinstance(dvcs, dict):
+        for k in ours:
+            if k in dvcs and not _same_meaning(ours[k], dvcs[k]):
+                return _first_difference(ours[k], dvcs[k], f"{path}.{k}" if path else str(k))
+    if isinstance(ours, list) and isinstance(dvcs, list):
+        for i, (a, b) in enumerate(zip(ours, dvcs)):
+            if not _same_meaning(a, b):
+                return _first_difference(a, b, f"{path}.{i}")
+    return path or "(top level)"
+
+
+def check_same_as_dvc(raw: object, text: str, source: str) -> None:
+    """The stages read ``params.yaml`` with PyYAML (YAML 1.1); DVC, which hashes it for ``dvc status``
+    and shows it in ``dvc params diff``, with ruamel.yaml (YAML 1.2). The two disagree on some plain
+    scalars: ``052`` is 42 (octal) to one and 52 to the other, ``off``/``yes``/``no``/``on`` are
+    booleans to one and strings to the other, ``1_000`` an int or a string. A run would then
+    record other params than it used. Such a value is refused (``1e-4``, a string to YAML 1.1 that
+    the schema reads as the float YAML 1.2 gives, is not ambiguous).
+
+    Raises:
+        PipelineError: naming the first key whose value the two read differently, with both readings.
+    """
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
+
+    try:
+        dvcs = YAML(typ="safe", pure=True).load(text)
+    except YAMLError as exc:
+        raise PipelineError(f"{source}: not valid YAML 1.2, as DVC reads it ({' '.join(str(exc).split())[:200]})") from None
+    if _same_meaning(raw, dvcs):
+        return
+    key = _first_difference(raw, dvcs)
+    ours, theirs = raw, dvcs
+    for part in key.split(".") if key != "(top level)" else []:
+        ours = ours[int(part)] if isinstance(ours, list) else ours.get(part)
+        theirs = theirs[int(part)] if isinstance(theirs, list) else theirs.get(part) if isinstance(theirs, dict) else None
+    raise PipelineError(f"{source}: {key}: ambiguous YAML: the stages read {short_repr(ours)} (YAML 1.1) but DVC "
+                        f"reads {short_repr(theirs)} (YAML 1.2); write it so both agree (e.g. true/false, a number "
+                        "without a leading zero or underscores, or a quoted string)")

@@ -1,5 +1,5 @@
-"""Policy-gradient losses of online RL: PPO's clipped surrogate and value loss, GRPO, REINFORCE
-(RLOO), and the k3 KL estimator.
+"""Policy-gradient losses of online RL: PPO's clipped surrogate and value loss, GRPO, sequence-level
+REINFORCE with a clipped ratio (RLOO), and the k3 KL estimator.
 
 Apart from ``losses.py`` (the offline pairwise, SFT and Bradley–Terry losses on (batch,) sequence
 sums) because these work per token: (batch, T) log-probs with the response ``mask`` of
@@ -84,14 +84,18 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
 
         kl_t = π_ref/πθ − log(π_ref/πθ) − 1,   log(π_ref/πθ) = ref_logprobs − logprobs
 
+    computed as ``expm1(x) − x`` with x the log-ratio: ``exp(x) − x − 1`` loses every digit near
+    x = 0 in float32 (−5.96e-8 at x = 1e-6, a negative "KL"), while ``expm1`` keeps them
+    (e^x − 1 − x ≥ 0 for all x, and the rounded result stays ≥ 0).
+
     Args:
         logprobs, ref_logprobs: the same shape, nats.
 
     Returns:
-        that shape, nats.
+        that shape, nats, ≥ 0.
     """
     log_ratio = ref_logprobs - logprobs
-    return torch.exp(log_ratio) - log_ratio - 1.0
+    return torch.expm1(log_ratio) - log_ratio
 
 
 def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
@@ -129,20 +133,38 @@ def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: 
     return loss, clip_fraction, mean_kl
 
 
-def reinforce_loss(logprobs: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
-    """REINFORCE with a baseline, one advantage per response (RLOO: ``advantages.rloo_advantages``).
+def sequence_clipped_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                          clip: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """REINFORCE on whole responses with PPO's clipped ratio taken per sequence: RLOO's policy loss.
 
-    Williams 1992; Ahmadian et al., arXiv 2402.14740 (RLOO, REINFORCE on whole responses)::
+    Ahmadian et al., "Back to Basics: Revisiting REINFORCE Style Optimization for Learning from
+    Human Feedback in LLMs", arXiv 2402.14740, Eq. 5 (the response is one action; REINFORCE,
+    Williams 1992), with the clipped ratio of Schulman et al. 2017, Eq. 7 on the sequence
+    probabilities, averaged over sequences, as TRL's 0.x ``RLOOTrainer``::
 
-        loss = −mean_i A_i · log πθ(y_i | x_i)
+        ρ_i  = exp(log πθ(y_i|x_i) − log πθ_old(y_i|x_i))     (summed log-probs)
+        loss = mean_i max(−A_i ρ_i, −A_i clip(ρ_i, 1 − ε, 1 + ε))
 
-    whose gradient is the on-policy estimator −mean_i A_i ∇ log πθ(y_i | x_i).
+    On the first pass over a rollout (ρ = 1) its gradient is the REINFORCE estimator
+    −mean_i A_i ∇ log πθ(y_i|x_i). The variant that clips a per-token ratio and averages over
+    tokens (``clipped_surrogate_loss``, PPO's) weighs long responses more; this one does not.
 
     Args:
         logprobs: (batch,) summed response log-probs under πθ (with grad), nats.
-        advantages: (batch,) (no grad).
+        old_logprobs: (batch,) the same under the sampling policy, nats.
+        advantages: (batch,) one per response (``advantages.rloo_advantages``), no grad.
+        clip: ε > 0.
 
     Returns:
-        scalar loss.
+        (scalar loss, share of responses whose clipped term is the larger, approximate
+        KL(πθ_old ‖ πθ) per response ½ (log ρ)² in nats), the last two detached.
     """
-    return -(advantages * logprobs).mean()
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    loss = torch.maximum(unclipped, clipped).mean()
+    with torch.no_grad():
+        clip_fraction = (clipped > unclipped).float().mean()
+        approx_kl = (0.5 * log_ratio ** 2).mean()
+    return loss, clip_fraction, approx_kl

@@ -152,14 +152,49 @@ def _client_and_experiment(root: Path):
         # a server that fails should fail the stage in seconds. A user's own setting wins.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-    client = MlflowClient(tracking_uri=uri)
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return client, exp.experiment_id
-    # The local store keeps its artifacts next to mlflow.db, not in whatever folder a stage runs in.
-    location = None if uri.startswith(("http://", "https://")) else (root / "mlartifacts").as_uri()
-    return client, client.create_experiment(name, artifact_location=location)
+    with _store_lock(uri):
+        client = MlflowClient(tracking_uri=uri)
+        exp = client.get_experiment_by_name(name)  # the first call creates (migrates) a new sqlite store
+        if exp is not None:
+            return client, exp.experiment_id
+        # The local store keeps its artifacts next to mlflow.db, not in whatever folder a stage runs in.
+        location = None if uri.startswith(("http://", "https://")) else (root / "mlartifacts").as_uri()
+        return client, client.create_experiment(name, artifact_location=location)
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str):
+    """Hold an exclusive file lock beside a local sqlite store while it is opened: its first use
+    creates the schema by running MLflow's migrations, and two stages doing that at once (``dvc
+    queue start -j 2`` on a fresh project) failed with ``duplicate column name: step``. Other
+    stores (a server) serialise themselves.
+
+    Raises:
+        PipelineError: the store is not a database MLflow can open (one line, naming the file).
+    """
+    from filelock import FileLock
+
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(db) + ".lock", timeout=600)
+        lock.acquire()
+    except OSError as exc:
+        raise PipelineError(f"{db}: cannot open the MLflow store's folder ({exc.strerror or exc})") from None
+    try:
+        yield
+    except Exception as exc:
+        if isinstance(exc, PipelineError):
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise PipelineError(f"{db}: MLflow cannot use this store ({type(exc).__name__}: {first}); move the file "
+                            "away (a new store is created) or set MLFLOW_TRACKING_URI") from None
+    finally:
+        lock.release()
 
 
 def _log_in_batches(client, run_id: str, params: dict[str, Any], metrics: list, tags: dict[str, str]) -> None:

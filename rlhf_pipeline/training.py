@@ -79,20 +79,49 @@ def episode_order(num_pairs: int, total_episodes: int, seed: int) -> list[int]:
     return order[:total_episodes]
 
 
+#: Folders whose Python files are the training stages' code: the package and the stage scripts.
+CODE_ROOTS = (Path(__file__).resolve().parent, Path(__file__).resolve().parents[1] / "stages")
+
+
+def code_digest(roots: tuple[Path, ...] | None = None) -> str:
+    """SHA-256 of every ``.py`` file under ``roots`` (default :data:`CODE_ROOTS`), by path and content,
+    and of the versions of the libraries whose arithmetic training uses (torch, transformers,
+    accelerate, peft).
+
+    The whole package rather than one stage's import closure: a checkpoint is cheap to redo and
+    a missed dependency would resume under other code; a resumed run must equal an uninterrupted one.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    h = hashlib.sha256()
+    for root in CODE_ROOTS if roots is None else roots:
+        for f in sorted(root.rglob("*.py")):
+            h.update(f"{f.relative_to(root.parent)}\0".encode())
+            h.update(f.read_bytes())
+    for lib in ("torch", "transformers", "accelerate", "peft"):
+        try:
+            h.update(f"{lib}=={version(lib)}\0".encode())
+        except PackageNotFoundError:
+            h.update(f"{lib} absent\0".encode())
+    return h.hexdigest()
+
+
 def inputs_fingerprint(files: list[Path], cfg: OptimizerParams, seed: int, temperature: float,
                        data: bytes = b"") -> str:
     """SHA-256 of the training inputs and settings; a checkpoint is resumed only if it matches.
 
     The settings are the keys the stage declares in dvc.yaml (not ``logprob_batch_size``, read by
     ``ref_logprobs`` only, nor ``mlflow_live`` or the held-out evaluation's keys, which change no
-    weight) and the log-prob temperature they resolve to. ``data``: inputs that are not files (the
-    tokenized demonstrations of ``sft``, the pairs of ``reward_model``).
+    weight) and the log-prob temperature they resolve to, and the code (:func:`code_digest`): a run
+    killed before an edit of the loss must not resume under the edited one. ``data``: inputs that
+    are not files (the tokenized demonstrations of ``sft``, the pairs of ``reward_model``).
     """
     settings = cfg.model_dump(exclude={"mlflow_live", "logprob_batch_size", "allow_temperature_mismatch",
                                        "reference",  # the reference is in the log-prob file
                                        "per_device_eval_batch_size", "bootstrap_samples", "calibration_bins"})
     h = hashlib.sha256(json.dumps({"train": settings, "seed": seed, "temperature": temperature},
                                   sort_keys=True).encode())
+    h.update(code_digest().encode())
     h.update(data)
     for f in files:
         with open(f, "rb") as fh:
@@ -144,6 +173,66 @@ def _check_finite(update: int, loss: float, grad_norm: float) -> None:
                             "(check the rewards and log-probs, or lower train.learning_rate)")
 
 
+def backward_minibatch(accelerator, model, task, micro: list[list[int]]) -> tuple[float, torch.Tensor, int]:
+    """Forward and backward passes over one update's micro-batches (this process's share of the
+    minibatch), leaving in ``.grad`` the gradient of the task's loss over the whole minibatch, on
+    every process: the same gradient however the minibatch is split into micro-batches and
+    processes (tests/test_training.py checks 1, 2 and 4 micro-batches for every task).
+
+    A task's ``forward`` returns its loss as a mean over ``task.loss_units(idx)`` units of the
+    micro-batch: tokens for a token mean (PPO, SFT), examples for a mean over sequences or pairs
+    (REBEL, DPO, GRPO, RLOO, the reward model). Averaging those means per micro-batch (what
+    accelerate's division by ``gradient_accumulation_steps`` and DDP's average over processes do)
+    would weigh a unit by the inverse of its micro-batch's total, and the loop groups micro-batches
+    by length: a short response's tokens would count many times a long one's. Instead each
+    micro-batch's loss is scaled by its share of the minibatch's units (all processes), times the
+    G micro-batches and W processes accelerate and DDP divide by::
+
+        backward( loss_m · units_m · G · W / Σ_{m', ranks} units_m' )
+
+    so the gradient is that of Σ_m loss_m · units_m / Σ units, the objective's own mean over the
+    whole minibatch: the minibatch-level normalisation of transformers' gradient-accumulation fix
+    (``num_items_in_batch``, transformers 4.46) and of TRL's trainers, which is what a run with one
+    micro-batch computes. With micro-batches of equal example counts and a mean over examples the
+    scale is exactly 1.0, and the arithmetic is the same as averaging per micro-batch.
+
+    Returns:
+        (the minibatch's loss, the same on every process; the task's figures, example-weighted
+        mean over the micro-batches and processes, (len(task.metric_names),); tokens processed here).
+    """
+    units = [int(task.loss_units(idx)) for idx in micro]
+    total_units = int(accelerator.reduce(torch.tensor([sum(units)], device=accelerator.device), "sum").item())
+    scale_to_minibatch = accelerator.gradient_accumulation_steps * accelerator.num_processes / total_units
+    examples = sum(map(len, micro))
+    loss_sum, figure_sums, tokens = 0.0, torch.zeros(len(task.metric_names)), 0
+    for idx, n_units in zip(micro, units):
+        with accelerator.accumulate(model), accelerator.autocast():
+            loss, figures = task.forward(model, idx)
+            accelerator.backward(loss * (n_units * scale_to_minibatch))  # ÷ G there (or by DeepSpeed), ÷ W by DDP
+            loss_sum += n_units / total_units * float(loss.detach())
+            figure_sums += len(idx) / examples * figures.detach().float().cpu()
+        tokens += task.tokens(idx)
+    if not accelerator.sync_gradients:
+        raise RuntimeError("a minibatch's accumulation ended off its sync point")  # a bug, not bad input
+    reduced_loss = float(accelerator.reduce(torch.tensor([loss_sum], device=accelerator.device), "sum").item())
+    figures = accelerator.reduce(figure_sums.to(accelerator.device), "mean").cpu()
+    return reduced_loss, figures, tokens
+
+
+def _check_finite_weights(update: int, parameters: list[torch.nn.Parameter]) -> None:
+    """Stop after an optimizer step that left a weight NaN or infinite (a finite gradient can still
+    give one: an extreme learning rate, an overflow in Adam's moments).
+
+    Raises:
+        PipelineError: naming the update; the last checkpoint and the output folder are untouched.
+    """
+    with torch.no_grad():
+        if all(bool(torch.isfinite(p).all()) for p in parameters):
+            return
+    raise PipelineError(f"train: the optimizer step of update {update} left non-finite weights; stopping, so no "
+                        "model with them is written (lower the learning rate, or check the rewards and log-probs)")
+
+
 def train_policy(model_dir: str | os.PathLike, task, cfg: OptimizerParams, seed: int,
                  out_dir: str | os.PathLike, checkpoint_dir: str | os.PathLike, fingerprint: str,
                  progress: bool = True, on_update: Callable[[dict], None] | None = None,
@@ -153,7 +242,8 @@ def train_policy(model_dir: str | os.PathLike, task, cfg: OptimizerParams, seed:
 
     ``task`` has ``name`` (the objective's), ``lengths`` (tokens per example), ``limit_keys`` (the
     params keys that bound them, for the context error), ``metric_names``,
-    ``tokens(idx)`` and ``forward(model, idx) -> (loss, figures)``, and may have
+    ``tokens(idx)``, ``forward(model, idx) -> (loss, figures)`` and ``loss_units(idx)`` (what that
+    loss is a mean over: :func:`backward_minibatch`), and may have
     ``load_model(model_dir, dtype, device)`` (default: the causal LM) (see
     ``rlhf_pipeline.objectives.PairwiseTask``, ``SftTask`` and ``RewardModelTask``). ``cfg``: ``params.TrainParams`` or any
     ``params.OptimizerParams``. An online task (``rlhf_pipeline.online.OnlineTask``) also has
@@ -173,8 +263,9 @@ def train_policy(model_dir: str | os.PathLike, task, cfg: OptimizerParams, seed:
 
     Raises:
         PipelineError: a sequence longer than the model's context, fewer episodes than one batch,
-            ``evaluate`` under DeepSpeed, a checkpoint that cannot be loaded safely, or a non-finite
-            loss or gradient norm (before that update's optimizer step; nothing saved).
+            ``evaluate`` under DeepSpeed, a checkpoint that cannot be loaded safely, a non-finite
+            loss or gradient norm (before that update's optimizer step; nothing saved), or
+            non-finite weights after a step (nothing saved).
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -228,7 +319,7 @@ def train_policy(model_dir: str | os.PathLike, task, cfg: OptimizerParams, seed:
             module.attention_dropout = 0.0
     if cfg.lora is not None:  # after the loop above: the LoRA dropout is the user's choice, kept
         model = lora.apply_lora(model, cfg.lora, getattr(task, "peft_task_type", "CAUSAL_LM"),
-                                cfg.gradient_checkpointing)
+                                cfg.gradient_checkpointing, task.params_section)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -269,28 +360,17 @@ def train_policy(model_dir: str | os.PathLike, task, cfg: OptimizerParams, seed:
         # micro-batches, so accelerate's step count reaches its sync point at the last one.
         micro = [[mine[i] for i in group] for group in
                  length_grouped_batches([task.lengths[i] for i in mine], cfg.per_device_train_batch_size)]
-        sums = torch.zeros(1 + len(task.metric_names))  # loss and the task's figures, example-weighted
-        tokens = 0
-        grad_norm = float("nan")
-        for idx in micro:
-            with accelerator.accumulate(model), accelerator.autocast():
-                loss, figures = task.forward(model, idx)
-                accelerator.backward(loss)  # divided by the accumulation steps there (or by DeepSpeed)
-                sums += len(idx) / len(mine) * torch.cat([loss.detach().float().reshape(1), figures]).cpu()
-                if accelerator.sync_gradients:
-                    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
-                    reduced = accelerator.reduce(sums.to(accelerator.device), "mean").cpu()
-                    _check_finite(u + 1, float(reduced[0]), grad_norm)
-                optimizer.step()  # accelerate's wrapper steps only when gradients are synced
-                optimizer.zero_grad(set_to_none=True)
-            tokens += task.tokens(idx)
-        if not accelerator.sync_gradients:
-            raise RuntimeError(f"update {u + 1}: accumulation ended off its sync point")  # a bug, not bad input
+        loss, figures, tokens = backward_minibatch(accelerator, model, task, micro)
+        grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+        _check_finite(u + 1, loss, grad_norm)
+        optimizer.step()  # accelerate's wrapper: the one step of the update (DeepSpeed stepped in backward)
+        optimizer.zero_grad(set_to_none=True)
+        _check_finite_weights(u + 1, trainable)
         lr_now = scheduler.get_last_lr()[0]
         scheduler.step()
         seconds = time.perf_counter() - t0
-        row = dict(zip(columns, [u + 1, (u + 1) * batch, float(reduced[0]), lr_now, grad_norm,
-                                            *[float(x) for x in reduced[1:]], tokens * world / seconds, seconds]))
+        row = dict(zip(columns, [u + 1, (u + 1) * batch, loss, lr_now, grad_norm,
+                                 *[float(x) for x in figures], tokens * world / seconds, seconds]))
         rows.append(row)
         if on_update is not None and accelerator.is_main_process:
             on_update(row)

@@ -108,9 +108,21 @@ def test_bad_lora_params_are_named(lora, message):
 def test_a_target_module_the_model_lacks_is_one_error(tiny_policy, tiny_model_dir, tmp_path):
     model, tok = tiny_policy
     pairs = synthetic_pairs(4)
-    with pytest.raises(PipelineError, match=r"lora.target_modules \['qkv'\]"):
+    with pytest.raises(PipelineError, match=r"^train.lora.target_modules \['qkv'\]"):
         run_training(tiny_model_dir, pairs, reference(model, tok, pairs), lora_train_params(target_modules=["qkv"]),
                      tmp_path)
+    assert not (tmp_path / "policy").exists()
+
+
+def test_lora_on_a_head_tied_to_the_embeddings_is_refused(tiny_policy, tiny_model_dir, tmp_path):
+    # The tiny Llama ties lm_head to embed_tokens, as SmolLM2 does: merging factors on the head would
+    # move the embeddings too (0.003 in the logits), so the saved model would not be the trained one.
+    model, tok = tiny_policy
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    pairs = synthetic_pairs(4)
+    with pytest.raises(PipelineError, match=r"train.lora.target_modules \['q_proj', 'lm_head'\]: the output head shares"):
+        run_training(tiny_model_dir, pairs, reference(model, tok, pairs),
+                     lora_train_params(target_modules=["q_proj", "lm_head"]), tmp_path)
     assert not (tmp_path / "policy").exists()
 
 

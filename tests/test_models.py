@@ -87,15 +87,20 @@ def test_dtype_resolution():
     assert resolve_dtype("bfloat16", cpu) == torch.bfloat16
 
 
-@pytest.mark.parametrize("amx, avx512_bf16, expected", [
-    (True, True, torch.bfloat16),     # Intel Xeon with AMX
-    (False, True, torch.bfloat16),    # AMD Zen 5: AVX-512 BF16, no AMX
-    (False, False, torch.float32),    # AVX2: bf16 emulated
+@pytest.mark.parametrize("amx, avx512_bf16, sampling, forward", [
+    (True, True, torch.bfloat16, torch.bfloat16),    # Intel Xeon with AMX
+    (False, True, torch.float32, torch.bfloat16),    # AMD Zen 4/5: AVX-512 BF16, no AMX: decoding faster in fp32
+    (False, False, torch.float32, torch.float32),    # AVX2: bf16 emulated
 ])
-def test_auto_dtype_on_cpu_is_bf16_where_computed_natively(monkeypatch, amx, avx512_bf16, expected):
+def test_auto_dtype_on_cpu_is_decided_per_kind_of_work(monkeypatch, amx, avx512_bf16, sampling, forward):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
-    assert resolve_dtype("auto", torch.device("cpu")) == expected
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu, "sampling") == sampling
+    assert resolve_dtype("auto", cpu, "forward") == resolve_dtype("auto", cpu) == forward
+    assert resolve_dtype("bfloat16", cpu, "sampling") == torch.bfloat16  # an explicit dtype is kept
+    with pytest.raises(ValueError, match="work"):
+        resolve_dtype("auto", cpu, "decode")
 
 
 def test_cpu_gqa_attention_matches_transformers_sdpa_with_padding(tiny_model_dir):

@@ -9,7 +9,8 @@ import torch
 from rlhf_pipeline.advantages import (explained_variance, gae, group_normalized_advantages, kl_penalized_rewards,
                                       masked_whiten, rloo_advantages)
 from rlhf_pipeline.kl_control import AdaptiveKLController, FixedKLController
-from rlhf_pipeline.policy_gradient import clipped_surrogate_loss, clipped_value_loss, grpo_loss, kl_k3, reinforce_loss
+from rlhf_pipeline.policy_gradient import (clipped_surrogate_loss, clipped_value_loss, grpo_loss, kl_k3,
+                                          sequence_clipped_loss)
 
 T = torch.tensor
 
@@ -144,8 +145,30 @@ def test_grpo_loss_averages_per_response_then_over_responses():
     assert kl.item() == pytest.approx(2 * k / 3)
 
 
-def test_reinforce_loss_by_hand():
-    assert reinforce_loss(T([-3.0, -5.0]), T([1.0, -0.5])).item() == pytest.approx(-(-3 + 2.5) / 2)
+def test_sequence_clipped_loss_by_hand_with_its_gradient():
+    # RLOO as TRL's RLOOTrainer: one ratio per response from summed log-probs, a mean over responses
+    old = T([-3.0, -5.0, -2.0])
+    logprobs = (old + torch.log(T([1.0, 1.5, 0.5]))).requires_grad_()
+    adv = T([1.0, 2.0, -1.0])
+    loss, clip_fraction, approx_kl = sequence_clipped_loss(logprobs, old, adv, clip=0.2)
+    # per response: max(-1, -1) = -1; max(-3, -2.4) = -2.4 (clipped); max(0.5, 0.8) = 0.8 (clipped)
+    assert loss.item() == pytest.approx((-1 - 2.4 + 0.8) / 3)
+    assert clip_fraction.item() == pytest.approx(2 / 3)
+    assert approx_kl.item() == pytest.approx((0.5 * math.log(1.5) ** 2 + 0.5 * math.log(0.5) ** 2) / 3)
+    loss.backward()
+    close(logprobs.grad, [-1.0 / 3, 0, 0])  # the REINFORCE gradient -A_i ρ_i / n where unclipped
+    # at ratio 1 (the first pass over a rollout) the gradient is REINFORCE's, -A_i / n, length-free
+    fresh = old.clone().requires_grad_()
+    sequence_clipped_loss(fresh, old, adv, clip=0.2)[0].backward()
+    close(fresh.grad, [-1 / 3, -2 / 3, 1 / 3])
+
+
+def test_k3_is_never_negative_near_zero_in_float32():
+    # exp(x) - x - 1 loses every digit near 0: -5.96e-8 at x = 1e-6
+    x = torch.tensor([1e-6, -1e-6, 1e-7, 3e-4, 0.0], dtype=torch.float32)
+    kl = kl_k3(torch.zeros_like(x), x)
+    assert (kl >= 0).all(), kl
+    assert kl[0].item() == pytest.approx(0.5e-12, rel=1e-3)  # x^2 / 2
 
 
 def test_adaptive_kl_controller_by_hand_and_its_state():
@@ -160,6 +183,25 @@ def test_adaptive_kl_controller_by_hand_and_its_state():
     assert again.update(7.0, 10) == ctl.update(7.0, 10)
     with pytest.raises(ValueError, match="target > 0"):
         AdaptiveKLController(0.1, 0.0, 10)
+
+
+def test_adaptive_kl_coefficient_stays_positive():
+    # kl_target 1, kl_horizon 1, 8 responses a step went β 0.05 -> -0.03: the schema refuses such a horizon ...
+    from pydantic import ValidationError
+
+    from rlhf_pipeline.params import OnlineParams
+
+    with pytest.raises(ValidationError, match="kl_horizon: 1 is shorter than the 8 responses of one rollout step"):
+        OnlineParams(algorithms={"ppo": {"name": "ppo", "kl_target": 1.0, "kl_horizon": 1}}, prompts_per_step=4,
+                     num_responses=2)
+    # ... the controller refuses a step that could flip β's sign ...
+    with pytest.raises(ValueError, match="β could turn negative"):
+        AdaptiveKLController(0.05, 1.0, 1).update(0.0, 8)
+    # ... and with a horizon of one step β moves by at most 20 % a step, never below 0
+    ctl = AdaptiveKLController(0.05, 1.0, 8)
+    for _ in range(50):
+        beta = ctl.update(0.0, 8)
+    assert beta == pytest.approx(0.05 * 0.8 ** 50) and beta > 0
 
 
 def test_fixed_kl_controller_never_moves():

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pyarrow as pa
 import pytest
@@ -68,3 +69,39 @@ def test_json_metrics_sorted_and_nan_free(tmp_path):
     write_json({"b": float("nan"), "a": 1.5}, tmp_path / "m.json")
     text = (tmp_path / "m.json").read_text()
     assert json.loads(text) == {"a": 1.5, "b": None} and text.index('"a"') < text.index('"b"')
+
+
+def test_a_group_whose_metrics_path_is_a_folder_replaces_nothing(tmp_path):
+    from rlhf_pipeline.outputs import output_group
+
+    (tmp_path / "pairs.parquet").write_text("old pairs")
+    (tmp_path / "metrics.json").mkdir()  # a folder where the stage writes its metrics file
+    with pytest.raises(PipelineError, match="metrics.json: is a folder"):
+        with output_group():
+            write_parquet(pa.table({"x": [1]}), tmp_path / "pairs.parquet")
+            write_json({"a": 1}, tmp_path / "metrics.json")
+    assert (tmp_path / "pairs.parquet").read_text() == "old pairs"  # the group was not half-applied
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "pairs.parquet"]
+
+
+def test_file_system_refusals_are_one_line_errors(tmp_path):
+    (tmp_path / "metrics").write_text("a file where a folder is needed")
+    with pytest.raises(PipelineError, match="cannot create the output's folder"):
+        write_json({"a": 1}, tmp_path / "metrics" / "m.json")
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    readonly.chmod(0o555)
+    try:
+        if not os.access(readonly, os.W_OK):  # root ignores the mode bits
+            with pytest.raises(PipelineError, match="cannot write in"):
+                write_json({"a": 1}, readonly / "m.json")
+    finally:
+        readonly.chmod(0o755)
+
+    class DiskFull(OSError):
+        pass
+
+    with pytest.raises(PipelineError, match="m.json: cannot write the output \\(No space left on device\\)"):
+        with atomic_file(tmp_path / "m.json"):
+            raise DiskFull(28, "No space left on device")
+    assert not any(p.name.startswith(".m.json") for p in tmp_path.iterdir())

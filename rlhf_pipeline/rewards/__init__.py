@@ -112,8 +112,12 @@ def penalize_missing_eos(table: pa.Table, finish_reasons: list[str], penalty: fl
     """Subtract ``penalty`` from the ``reward`` of every response that ended at ``max_new_tokens``.
 
     A truncated response has no end-of-turn token, so the policy is never shown where to stop; the
-    penalty makes "finish within the budget" part of the training reward (TRL's
-    ``missing_eos_penalty``; the REBEL reference's non-EOS penalty on TL;DR). The scorers' raw
+    penalty makes "finish within the budget" part of the training reward. This is TRL's
+    ``missing_eos_penalty``: a subtraction, so the score still ranks truncated responses among
+    themselves. The REBEL reference does otherwise on TL;DR: it *replaces* a response's score with a
+    constant (−1, or −4 in its online scripts) when no EOS was generated, so every truncated
+    response ties. The subtraction is kept because pairs of two truncated responses still carry
+    their scorers' signal; set the penalty large to approach the replacement. The scorers' raw
     columns are kept; ``missing_eos`` marks the penalised rows. ``penalty`` None returns the table
     unchanged.
 
