@@ -120,6 +120,8 @@ def read_records(path: str | Path, key: str, sources_dir: str | Path | None = No
             UTF-8, or a JSON file that is not a list of objects.
     """
     p = inside_sources(path, key, sources_dir) if sources_dir is not None else Path(path)
+    if p.is_dir():
+        raise PipelineError(f"{key}: {path} is a folder; name a .json, .jsonl or .parquet file")
     if not p.is_file():
         raise PipelineError(f"{key}: {path} does not exist")
     if p.suffix == ".jsonl":
@@ -133,7 +135,11 @@ def read_records(path: str | Path, key: str, sources_dir: str | Path | None = No
             raise PipelineError(f"{p}: expected a JSON list of records")
         return [(f"{p}: row {i}", rec) for i, rec in enumerate(rows)]
     if p.suffix == ".parquet":
-        return [(f"{p}: row {i}", rec) for i, rec in enumerate(pq.read_table(p).to_pylist())]
+        try:
+            rows = pq.read_table(p).to_pylist()
+        except (pa.ArrowException, OSError) as exc:
+            raise PipelineError(f"{p}: not a readable Parquet file ({' '.join(str(exc).split())[:200]})") from None
+        return [(f"{p}: row {i}", rec) for i, rec in enumerate(rows)]
     raise PipelineError(f"{key}: {path} must be .json, .jsonl or .parquet")
 
 
@@ -220,6 +226,8 @@ def load_file(path: str | Path, prompt_field: str, sources_dir: str | Path | Non
             (line named), a row without ``prompt_field`` or with an empty or non-string prompt (row named).
     """
     p = Path(path)
+    if p.is_dir():
+        raise PipelineError(f"{p}: is a folder; data.path names a .jsonl or .parquet file")
     if not p.is_file():
         raise PipelineError(f"{p}: prompt file not found (data.path)")
     if sources_dir is not None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from rlhf_pipeline.chat import chat_messages, chat_token_ids
+from rlhf_pipeline.chat import chat_messages, chat_token_ids, has_control_tokens
 from rlhf_pipeline.data import check_text, draw_held_out, open_hf_dataset, package_dir, read_records
 from rlhf_pipeline.errors import PipelineError
 from rlhf_pipeline.pairs import Candidate
@@ -232,9 +232,12 @@ def split_demonstrations(tokenizer, convs: list[list[dict[str, str]]], cfg: SftP
             naming ``sft.num_demonstrations`` / ``sft.val_size`` when too few demonstrations fit.
     """
     keyed: dict[str, tuple[list[int], list[int]]] = {}
-    too_long = 0
+    too_long = control_tokens = 0
     for i, messages in enumerate(convs):
-        prompt, response = tokenize(tokenizer, messages, f"{where}: row {i}")
+        if has_control_tokens(tokenizer, messages):  # it would forge turns or cut the response (rlhf_pipeline.chat)
+            control_tokens += 1
+            continue
+        prompt, response = tokenize(tokenizer, messages, f"{where}: demonstration {i} (0-based, in source order)")
         if len(prompt) + len(response) > cfg.max_tokens:
             too_long += 1
             continue
@@ -246,8 +249,8 @@ def split_demonstrations(tokenizer, convs: list[list[dict[str, str]]], cfg: SftP
     def columns(selected):
         return [keyed[k][0] for k in selected], [keyed[k][1] for k in selected]
 
-    counts = {"source_rows": len(convs), "dropped_too_long": too_long,
-              "duplicates_dropped": len(convs) - too_long - len(keyed), "train_demonstrations": len(train_keys),
+    counts = {"source_rows": len(convs), "dropped_too_long": too_long, "dropped_control_tokens": control_tokens,
+              "duplicates_dropped": len(convs) - too_long - control_tokens - len(keyed), "train_demonstrations": len(train_keys),
               "val_demonstrations": len(val_keys),
               "train_response_tokens": sum(len(r) for r in columns(train_keys)[1])}
     return DemonstrationSplit(columns(train_keys), columns(val_keys), counts)

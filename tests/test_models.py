@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rlhf_pipeline import is_malloc_setting
 from rlhf_pipeline.errors import PipelineError
 from rlhf_pipeline.models import (CPU_GQA_ATTENTION, _drop_quantization, load_policy, load_tokenizer,
-                                  prepare_base_model, resolve_dtype, resolve_model_source)
+                                  model_context, prepare_base_model, resolve_dtype, resolve_model_source)
 
 
 def test_alias_resolves_to_the_wheel_gguf_without_importing_it():
@@ -164,3 +164,29 @@ def test_import_makes_malloc_reuse_freed_memory_unless_the_user_set_malloc():
     # Any MALLOC_* variable of the user's also leaves malloc as glibc has it.
     user, _ = _faults_reallocating_256_mb(MALLOC_ARENA_MAX="2")
     assert user > pages // 2, (user, pages)
+
+
+def test_corrupt_model_folders_are_one_line_errors(tiny_model_dir, tmp_path):
+    import shutil
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tiny_model_dir, truncated)
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(PipelineError, match="truncated: cannot load the model"):
+        load_policy(truncated, torch.float32)
+    bad_config = tmp_path / "bad_config"
+    shutil.copytree(tiny_model_dir, bad_config)
+    (bad_config / "config.json").write_text("{ not json")
+    with pytest.raises(PipelineError, match="not a valid model config"):
+        model_context(bad_config)
+    with pytest.raises(PipelineError, match="bad_config: cannot load the model"):
+        load_policy(bad_config, torch.float32)
+    # a user's folder holding only a pickle checkpoint: refused by transformers, reported on one line
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, pickled)
+    (pickled / "model.safetensors").unlink()
+    torch.save({"x": __import__("datetime").datetime(2026, 1, 1)}, pickled / "pytorch_model.bin")  # code to unpickle
+    with pytest.raises(PipelineError, match=r"policy.model: cannot load '.*pickled': \w+"):
+        prepare_base_model(str(pickled), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -207,3 +207,23 @@ def test_adaptive_kl_coefficient_stays_positive():
 def test_fixed_kl_controller_never_moves():
     ctl = FixedKLController(0.05)
     assert ctl.update(100.0, 64) == 0.05 and ctl.state_dict() == {"beta": 0.05}
+
+
+def test_a_rollout_step_never_samples_a_prompt_twice():
+    from rlhf_pipeline.errors import PipelineError
+    from rlhf_pipeline.online import step_prompt_order
+    from rlhf_pipeline.training import episode_order
+
+    # 10 prompts, 8 a step: step 1 straddles two permutations; cut blindly it held prompts 1 and 8 twice
+    blind = episode_order(10, 24, 0)[8:16]
+    assert len(set(blind)) < 8
+    steps = step_prompt_order(10, 3, 8, 0)
+    assert all(len(set(s)) == 8 for s in steps)
+    assert steps[0] == episode_order(10, 8, 0)  # the first permutation's slice, as before
+    # every prompt is used as often as the permutations give it, only delayed a step
+    flat = [p for s in steps for p in s]
+    assert all(flat.count(p) <= 3 for p in range(10)) and len(set(flat)) == 10
+    # where the step size divides the prompts, the chunks are exactly the permutations' slices
+    assert [p for s in step_prompt_order(8, 3, 4, 5) for p in s] == episode_order(8, 12, 5)
+    with pytest.raises(PipelineError, match="online.prompts_per_step: 11 prompts per step, but there are 10"):
+        step_prompt_order(10, 1, 11, 0)

@@ -54,7 +54,7 @@ def test_iterations_must_chain(iterations, message):
 def test_objective_params_are_the_active_objectives_only():
     train = {**COMMITTED["train"], "objective": {"name": "dpo", "beta": 0.2}}
     assert parse_params({**COMMITTED, "train": train}).train.objective.beta == 0.2
-    with pytest.raises(PipelineError, match="unknown key train.objective.dpo.eta"):
+    with pytest.raises(PipelineError, match="unknown key train.objective.eta"):
         parse_params({**COMMITTED, "train": {**train, "objective": {"name": "dpo", "eta": 1.0}}})
     with pytest.raises(PipelineError, match="train.objective"):
         parse_params({**COMMITTED, "train": {**train, "objective": {"name": "ppo"}}})
@@ -150,10 +150,10 @@ def test_log_prob_temperature_follows_sampling_unless_allowed():
         ({"reward": {"scorers": [{"name": "ifeval"}, {"name": "ifeval"}]}}, "reward.scorers"),
         ({"reward": {"scorers": [{"name": "bleu"}]}}, "reward.scorers.0"),
         ({"reward": {"scorers": [{"name": "sequence-classification"}]}},
-         "reward.scorers.0.sequence-classification.options"),
+         "reward.scorers.0.options"),
         ({"reward": {"scorers": [{"name": "sequence-classification", "options": {"model": "m", "batch_size": 0}}]}},
-         "reward.scorers.0.sequence-classification.options.batch_size"),
-        ({"reward": {"scorers": [{"name": "ifeval", "weight": float("inf")}]}}, "reward.scorers.0.ifeval.weight"),
+         "reward.scorers.0.options.batch_size"),
+        ({"reward": {"scorers": [{"name": "ifeval", "weight": float("inf")}]}}, "reward.scorers.0.weight"),
         ({"pairs": {"max_prompt_tokens": 0}}, "pairs.max_prompt_tokens"),
         ({"pairs": {"max_response_tokens": -5}}, "pairs.max_response_tokens"),
         ({"pairs": {"min_reward_gap": -0.1}}, "pairs.min_reward_gap"),
@@ -169,7 +169,7 @@ def test_rejected_values_name_their_key(raw, key):
 @pytest.mark.parametrize("raw, key", [({"generate": {"temprature": 0.7}}, "generate.temprature"),
                                       ({"trainer": {}}, "trainer"),
                                       ({"reward": {"scorers": [{"name": "ifeval", "options": {"x": 1}}]}},
-                                       "reward.scorers.0.ifeval.options.x"),
+                                       "reward.scorers.0.options.x"),
                                       ({"data": {"split": "train", "shuffle": True}}, "data.shuffle")])
 def test_unknown_keys_are_named(raw, key):
     with pytest.raises(PipelineError, match=f"unknown key {key}$"):
@@ -198,3 +198,68 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text(yaml.safe_dump([1, 2]))
     with pytest.raises(PipelineError, match="expected a mapping"):
         load_params(bad)
+
+
+@pytest.mark.parametrize("raw, key", [({"train": {"learning_rate": float("inf")}}, "train.learning_rate"),
+                                      ({"generate": {"temperature": float("inf")}}, "generate.temperature"),
+                                      ({"reward": {"missing_eos_penalty": float("inf")}}, "reward.missing_eos_penalty"),
+                                      ({"online": {"learning_rate": float("-inf")}}, "online.learning_rate"),
+                                      ({"train": {"max_grad_norm": float("nan")}}, "train.max_grad_norm")])
+def test_infinite_and_nan_numbers_are_refused(raw, key):
+    # .inf validated, trained one update and saved a model of 134,515,008 non-finite weights, exit 0
+    with pytest.raises(PipelineError, match=f"params.yaml: {re.escape(key)}:"):
+        parse_params(full(raw))
+
+
+@pytest.mark.parametrize("old, new, key", [("seed: 42", "seed: 052", "seed"),
+                                           ("  reuse_prompts: false", "  reuse_prompts: off", "data.reuse_prompts"),
+                                           ("  gradient_checkpointing: false", "  gradient_checkpointing: no",
+                                            "train.gradient_checkpointing")])
+def test_values_yaml_1_1_and_dvc_read_differently_are_refused(tmp_path, old, new, key):
+    # `seed: 052` ran with seed 42 (octal, YAML 1.1) while `dvc params diff` recorded 52 (YAML 1.2)
+    text = (REPO / "params.yaml").read_text()
+    assert old in text
+    (tmp_path / "params.yaml").write_text(text.replace(old, new, 1))
+    with pytest.raises(PipelineError, match=f"{re.escape(key)}: ambiguous YAML: the stages read .* but DVC reads"):
+        load_params(tmp_path / "params.yaml")
+    # 1e-4 is a string to YAML 1.1 and a float to YAML 1.2; the schema reads the same float: accepted
+    (tmp_path / "params.yaml").write_text(text.replace("learning_rate: 6.0e-5", "learning_rate: 6e-5", 1))
+    assert load_params(tmp_path / "params.yaml").train.learning_rate == 6e-5
+
+
+@pytest.mark.parametrize("key", ["x; touch /tmp/INJECTED #", "../../data/evil", "a b", "", "-x", "é"])
+def test_online_algorithm_keys_are_plain_names(key):
+    # a key becomes a stage name, a folder and a word of a shell command in online/dvc.yaml
+    with pytest.raises(PipelineError, match="online.algorithms: the key .* is not a plain name"):
+        parse_params(full({"online": {"algorithms": {key: {"name": "grpo"}}}}))
+    assert parse_params(full({"online": {"algorithms": {"grpo-2_b": {"name": "grpo"}}}}))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "auto", "float16"])
+def test_online_rl_refuses_other_dtypes_than_float32(dtype):
+    with pytest.raises(PipelineError, match="online.dtype: online RL runs in float32 only"):
+        parse_params(full({"online": {"dtype": dtype}}))
+
+
+def test_error_paths_name_the_key_once():
+    # pydantic puts a discriminated union's tag in the path: online.algorithms.grpo.grpo.clip
+    with pytest.raises(PipelineError) as exc:
+        parse_params(full({"online": {"algorithms": {"grpo": {"name": "grpo", "clip": -1}}},
+                           "train": {"objective": {"name": "rebel", "eta": -1}}}))
+    assert "online.algorithms.grpo.clip:" in str(exc.value) and "train.objective.eta:" in str(exc.value)
+    assert "grpo.grpo" not in str(exc.value) and "rebel.eta" not in str(exc.value)
+
+
+@pytest.mark.parametrize("section", ["evaluate", "reward_model"])
+def test_bootstrap_resamples_are_bounded(section):
+    # 1e8 resamples ran the whole evaluation, then failed with a MemoryError
+    with pytest.raises(PipelineError, match=f"{section}.bootstrap_samples"):
+        parse_params(full({section: {"bootstrap_samples": 100_000_000}}))
+
+
+def test_iterations_that_need_more_train_prompts_than_num_prompts_leaves_are_refused():
+    iterations = {f"iter_{t}": {"prev": "base" if t == 1 else f"iter_{t - 1}"} for t in range(1, 51)}
+    with pytest.raises(PipelineError, match="iterations: 50 iterations of data.prompts_per_iteration=32 disjoint "
+                                            "prompts need 1600 train prompts, but data.num_prompts leaves 120"):
+        parse_params(full({"iterations": iterations, "data": {"num_prompts": 200}}))
+    assert parse_params(full({"iterations": iterations, "data": {"num_prompts": 200, "reuse_prompts": True}}))

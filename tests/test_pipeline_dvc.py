@@ -289,9 +289,11 @@ def test_a_third_iteration_reruns_only_itself_and_what_reads_it(project, tmp_pat
     params["iterations"]["iter_3"] = {"prev": "iter_2"}
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     before = lock_md5s(project)
+    # prepare_prompts checks that every iteration's prompts exist (before any iteration runs): it reruns,
+    # writes the same prompt files, and nothing of iterations 1-2 reruns
     assert ran(run_dvc(project, "repro").stdout) == {
-        "generate@iter_3", "score@iter_3", "pairs@iter_3", "ref_logprobs@iter_3", "train@iter_3", "evaluate@iter_3",
-        "evaluate_test", "report"}
+        "prepare_prompts", "generate@iter_3", "score@iter_3", "pairs@iter_3", "ref_logprobs@iter_3", "train@iter_3",
+        "evaluate@iter_3", "evaluate_test", "report"}
     after = lock_md5s(project)
     assert all(after[k] == v for k, v in before.items() if k != "data/eval/test.parquet")
     assert json.loads((project / "metrics/eval.json").read_text())["test"]["iteration"] == "iter_3"

@@ -71,11 +71,11 @@ def test_check_repro_ci_profile_runs_twice_and_names_the_first_difference(tiny_p
     """`make check-repro-ci`: the iterated DAG on a small profile, twice from scratch in a scratch
     clone; with a writer made non-deterministic in `pairs` it fails naming `pairs@iter_1` and its
     file, and its Markdown summary holds the table and the params/metrics diff against a revision."""
-    from conftest import tiny_overrides
+    from conftest import TINY_MODEL, tiny_overrides
 
     proj = copy_project(tiny_project, tmp_path / "proj")
     profile = tmp_path / "profile.yaml"
-    profile.write_text(yaml.safe_dump(tiny_overrides(raw_tiny_model_dir, tiny_reward_model_dir)))
+    profile.write_text(yaml.safe_dump(tiny_overrides(TINY_MODEL, tiny_reward_model_dir)))
     summary = tmp_path / "summary.md"
     cmd = [sys.executable, "-m", "rlhf_pipeline.repro_check", "--profile", str(profile), "--against", "HEAD",
            "--summary", str(summary)]

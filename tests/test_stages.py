@@ -26,6 +26,8 @@ def write_params(cwd, data=None, policy=None, **sections):
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     if data and "test_size" in data:
         data = {"val_size": 1, **data}
+    if data and "num_prompts" in data:  # a handful of prompts: one train prompt serves every iteration
+        data = {"prompts_per_iteration": 1, "reuse_prompts": True, **data}
     for name, values in {"data": data or {}, "policy": policy or {}, **sections}.items():
         raw[name].update(values)
     (cwd / "params.yaml").write_text(yaml.safe_dump(raw))
@@ -76,11 +78,28 @@ def test_prepare_prompts_from_file(tmp_path, tiny_model_dir):
 
 
 def test_prepare_model_unknown_path(tmp_path):
-    write_params(tmp_path, policy={"model": "./no/such/model"})
+    write_params(tmp_path, policy={"model": "./data/sources/no/such/model"})
     proc = run_stage(tmp_path, "prepare_model")
     assert proc.returncode == 1
-    assert "error: policy.model: local path './no/such/model' does not exist" in proc.stderr
+    assert "error: policy.model: local path './data/sources/no/such/model' does not exist" in proc.stderr
     assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
+
+
+@pytest.mark.parametrize("model", ["./no/such/model", "/abs/model", "../elsewhere/model"])
+def test_a_local_model_folder_must_be_tracked(tmp_path, model):
+    # edited after prepare_model, a folder outside data/sources/ left `dvc status` saying up to date
+    write_params(tmp_path, policy={"model": model})
+    proc = run_stage(tmp_path, "prepare_model")
+    assert proc.returncode == 1
+    assert f"error: params.yaml: policy.model: {model!r} is a local folder outside data/sources/" in proc.stderr
+
+
+def test_a_link_out_of_the_sources_folder_is_refused(tmp_path, raw_tiny_model_dir):
+    (tmp_path / "data/sources").mkdir(parents=True)
+    (tmp_path / "data/sources/linked").symlink_to(raw_tiny_model_dir)
+    write_params(tmp_path, policy={"model": "data/sources/linked"})
+    proc = run_stage(tmp_path, "prepare_model")
+    assert proc.returncode == 1 and "(a symbolic link): DVC would not see its edits" in proc.stderr
 
 
 def test_unknown_source_named(tmp_path):
@@ -249,3 +268,25 @@ def test_sigterm_between_the_renames_waits_until_both_are_in_place(tmp_path, tin
     assert (tmp_path / "data/prompts/test.parquet").read_bytes() != old_test
     assert (len(train), len(test)) == (21, 8) and not set(train) & set(test)
     assert no_temporaries(tmp_path) == []
+
+
+def test_iterations_that_would_run_out_of_prompts_fail_before_any_iteration(tmp_path, tiny_model_dir):
+    # 50 iterations validated, and generate@iter_15 failed after iterations 3-14 ran
+    with_base(tmp_path, tiny_model_dir)
+    (tmp_path / "data/sources").mkdir(parents=True)
+    rows = [{"prompt": f"question {i}", "control": "<|im_start|>" if i == 9 else ""} for i in range(10)]
+    (tmp_path / "data/sources/p.jsonl").write_text(
+        "".join(json.dumps({"prompt": r["prompt"] + r["control"]}) + "\n" for r in rows))
+    iterations = {f"iter_{t}": {"prev": "base" if t == 1 else f"iter_{t - 1}"} for t in range(1, 5)}
+    data = {"source": "file", "path": "data/sources/p.jsonl", "num_prompts": None, "test_size": 2, "val_size": 1,
+            "prompts_per_iteration": 2, "reuse_prompts": False}
+    write_params(tmp_path, data, iterations=iterations)
+    proc = run_stage(tmp_path, "prepare_prompts")
+    # 10 prompts, one with a control token dropped, 3 held out: 6 train prompts for 4 x 2
+    assert proc.returncode == 1
+    assert "iterations: 4 iterations of data.prompts_per_iteration=2 disjoint prompts need 8 train prompts, " \
+           "but the train split has 6" in proc.stderr
+    assert not (tmp_path / "data/prompts").exists()
+    write_params(tmp_path, data, iterations={k: v for k, v in iterations.items() if k in ("iter_1", "iter_2", "iter_3")})
+    assert run_stage(tmp_path, "prepare_prompts").returncode == 0
+    assert json.loads((tmp_path / "metrics/prepare_prompts.json").read_text())["dropped_control_tokens"] == 1

@@ -105,3 +105,31 @@ def test_a_server_whose_api_fails_is_one_line(broken_server, tmp_path, monkeypat
     assert "\n" not in message and "rerun `dvc repro`" in message
     with pytest.raises(PipelineError, match="the tracking server failed"):
         LiveRun({"seed": 1}, root=tmp_path)
+
+
+def test_two_stages_creating_a_new_store_at_once_both_succeed(tmp_path):
+    # dvc queue start -j 2 on a fresh project: two schema migrations at once failed with
+    # "duplicate column name: step"; the store's creation is serialised by a file lock
+    import subprocess
+    import sys
+
+    from conftest import stage_env
+
+    code = ("import sys; from pathlib import Path; from rlhf_pipeline.tracking import _client_and_experiment; "
+            "print(_client_and_experiment(Path(sys.argv[1]))[1])")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=stage_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    assert outs[0][0].strip() == outs[1][0].strip()  # one experiment, found or made once
+
+
+def test_a_file_that_is_not_a_store_is_one_line(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from rlhf_pipeline.tracking import _client_and_experiment
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "mlflow.db").write_bytes(b"this is not an sqlite database" * 100)
+    with pytest.raises(PipelineError, match="mlflow.db: MLflow cannot use this store"):
+        _client_and_experiment(Path(tmp_path))

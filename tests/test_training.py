@@ -274,3 +274,50 @@ def test_checkpoint_holds_no_pickled_objects_and_loads_nothing_that_runs(tmp_pat
         assert "Traceback" not in done.stderr
         assert done.stderr.strip().splitlines()[-1].startswith(
             f"error: {CHECKPOINTS}/latest: the training checkpoint cannot be loaded safely"), planted
+
+
+def test_the_checkpoint_fingerprint_holds_the_code(tmp_path, monkeypatch):
+    # kill train, edit the loss, rerun: the run resumed with updates of the old loss before the edit
+    from rlhf_pipeline import training
+
+    code = tmp_path / "pkg"
+    code.mkdir()
+    (code / "losses.py").write_text("def loss(x):\n    return x ** 2\n")
+    monkeypatch.setattr(training, "CODE_ROOTS", (code,))
+    before = training.inputs_fingerprint([], TrainParams(), 0, 1.0)
+    assert training.inputs_fingerprint([], TrainParams(), 0, 1.0) == before
+    (code / "losses.py").write_text("def loss(x):\n    return abs(x)\n")
+    assert training.inputs_fingerprint([], TrainParams(), 0, 1.0) != before
+    monkeypatch.undo()
+    assert (REPO / "rlhf_pipeline" / "training.py") in [f for root in training.CODE_ROOTS for f in root.rglob("*.py")]
+
+
+def test_an_optimizer_step_that_leaves_non_finite_weights_stops_training(tiny_policy, tiny_model_dir, tmp_path,
+                                                                        monkeypatch):
+    # a finite loss and gradient norm, then a step that overflows (an extreme learning rate, Adam's moments)
+    model, tok = tiny_policy
+    pairs = synthetic_pairs(4)
+    original = torch.optim.AdamW.step
+
+    def overflowing_step(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        with torch.no_grad():
+            self.param_groups[0]["params"][0].view(-1)[0] = float("inf")
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", overflowing_step)
+    cfg = TrainParams(objective={"name": "rebel", "eta": 1.0}, temperature=1.0, per_device_train_batch_size=2,
+                      gradient_accumulation_steps=1, dtype="float32")
+    with pytest.raises(PipelineError, match="the optimizer step of update 1 left non-finite weights"):
+        run_training(tiny_model_dir, pairs, reference(model, tok, pairs), cfg, tmp_path)
+    assert not (tmp_path / "policy").exists()
+
+
+def test_the_episode_order_is_computed_one_update_at_a_time():
+    # train.total_episodes: 1e9 spent minutes building the whole order before the first update
+    from rlhf_pipeline.training import episode_slice
+
+    whole = episode_order(7, 40, seed=3)
+    assert [i for a in range(0, 40, 4) for i in episode_slice(7, 3, a, a + 4)] == whole
+    # the last of 2.5e8 epochs, computed alone (the whole order would hold 10^9 ints: gigabytes)
+    assert sorted(episode_slice(4, 0, 10**9 - 4, 10**9)) == [0, 1, 2, 3]
