@@ -81,7 +81,7 @@ def test_split_is_by_prompt_seeded_and_independent_of_row_order(tiny_policy):
     _, tok = tiny_policy
     cfg = RewardModelParams(val_size=3, max_tokens=200)
     split = split_preferences(tok, _prefs(10, per_prompt=2) + _prefs(2), cfg, 3)
-    assert split.counts == {"source_pairs": 22, "dropped_too_long": 0, "duplicates_dropped": 2, "train_prompts": 7,
+    assert split.counts == {"source_pairs": 22, "dropped_too_long": 0, "dropped_control_tokens": 0, "duplicates_dropped": 2, "train_prompts": 7,
                             "val_prompts": 3, "train_pairs": 14, "val_pairs": 6}
     # a prompt's pairs share its responses: they are all on one side of the split
     val_rejected = {tuple(r) for r in split.val[1]}

@@ -136,7 +136,7 @@ def test_split_is_seeded_independent_of_row_order_and_counts_what_it_drops(tiny_
     long = to_messages({"instruction": "Say it all.", "output": " ".join(["word"] * 200)}, "r")
     cfg = SftParams(num_demonstrations=8, val_size=3, max_tokens=100)
     split = split_demonstrations(tok, [*convs, convs[0], long], cfg, 5, "demos")
-    assert split.counts == {"source_rows": 12, "dropped_too_long": 1, "duplicates_dropped": 1,
+    assert split.counts == {"source_rows": 12, "dropped_too_long": 1, "dropped_control_tokens": 0, "duplicates_dropped": 1,
                             "train_demonstrations": 5, "val_demonstrations": 3,
                             "train_response_tokens": sum(map(len, split.train[1]))}
     tokenized = {tuple(map(tuple, tokenize(tok, c, "r"))) for c in convs}
