@@ -136,10 +136,10 @@ def test_file_deps_and_outputs_are_the_paths_on_the_command_line(stage):
     deps = {d for d in STAGES[stage]["deps"] if not d.endswith(".py")}
     outs = STAGES[stage]["outs"]
     paths = command_paths(stage)
-    if stage == "prepare_prompts":
+    if stage in ("prepare_prompts", "prepare_model"):
         from rlhf_pipeline.params import PROMPT_SOURCES_DIR
 
-        paths.add(PROMPT_SOURCES_DIR)  # a file source must live there (checked by the params schema)
+        paths.add(PROMPT_SOURCES_DIR)  # a file source or local model must live there (checked by the params schema)
     assert deps | outs == paths, (f"{stage}: declared but not on the command line: {sorted((deps | outs) - paths)}; "
                                   f"on the command line but not declared: {sorted(paths - (deps | outs))}")
     # What a stage writes is no input of its own.
@@ -310,3 +310,17 @@ def check_params_read(stage: str, read: set[str]) -> None:
     undeclared = sorted(k for k in read if k not in declared_keys)
     unread = sorted(declared_keys - read_or_other)
     assert not undeclared and not unread, f"{stage}: reads undeclared {undeclared}; declares unread {unread}"
+
+
+@pytest.mark.parametrize("lock", ["dvc.lock", "classic/dvc.lock", "online/dvc.lock"])
+def test_every_lock_entry_is_a_stage_of_its_pipeline(lock):
+    # dvc.lock kept about 500 lines of six stages that no longer existed (generate, score, ...)
+    import yaml
+
+    path = REPO / lock
+    if not path.is_file():
+        pytest.skip(f"{lock} not committed")
+    dvcfile = str(Path(lock).with_name("dvc.yaml"))
+    names = {name for name, stage in STAGES.items() if stage["file"] == dvcfile}
+    entries = set((yaml.safe_load(path.read_text()) or {}).get("stages") or {})
+    assert names and entries <= names, f"{lock}: entries of no stage: {sorted(entries - names)}"
