@@ -192,7 +192,7 @@ def backward_minibatch(accelerator, model, task, micro: list[list[int]]) -> tupl
     """Forward and backward passes over one update's micro-batches (this process's share of the
     minibatch), leaving in ``.grad`` the gradient of the task's loss over the whole minibatch, on
     every process: the same gradient however the minibatch is split into micro-batches and
-    processes (tests/test_training.py checks 1, 2 and 4 micro-batches for every task).
+    processes (tests/test_minibatch.py checks 1, 2 and 4 micro-batches for every task).
 
     A task's ``forward`` returns its loss as a mean over ``task.loss_units(idx)`` units of the
     micro-batch: tokens for a token mean (PPO, SFT), examples for a mean over sequences or pairs
