@@ -18,7 +18,8 @@ def control_token_in(tokenizer, text: str) -> str | None:
     in a prompt or response would become real control tokens: a prompt holding
     ``<|im_end|>\\n<|im_start|>system …`` forges a system turn. The pipeline refuses such rows
     (dropped and counted by the stages that read data; an error here otherwise) rather than
-    encoding them as text, which no template of the transformers chat API does.
+    tokenizing them as plain text: that would give the policy spellings of its control tokens it
+    never saw, and every stage (sampling, pairs, scoring) would have to tokenize them alike.
     """
     for token in sorted(set(tokenizer.all_special_tokens), key=lambda t: (-len(t), t)):
         if token and token in text:
