@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # Stage commands run `python`; put the project's environment first on PATH.
 RUN    := PATH="$(BIN):$$PATH" HF_HUB_DISABLE_TELEMETRY=1
 
-.PHONY: venv repro repro-classic repro-online test check-repro check-repro-ci bench clean-venv
+.PHONY: venv repro repro-classic repro-online results test check-repro check-repro-ci bench clean-venv
 
 venv: $(STAMP)
 
@@ -30,6 +30,11 @@ repro-classic: venv
 # one MLflow run comparing them with the offline REBEL), and what it reads of the default DAG.
 repro-online: venv
 	$(RUN) dvc repro online/dvc.yaml
+
+# The results recipe (envs/results.yaml over params.yaml) in results/.workspace/, recorded in results/
+# (params, dvc.lock, metrics, wall time per stage): docs/results.md.
+results: venv
+	$(RUN) python -m rlhf_pipeline.results --profile envs/results.yaml --out results
 
 test: venv
 	$(RUN) HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python -m pytest -q -n auto --dist loadfile --durations=15

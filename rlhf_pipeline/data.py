@@ -348,13 +348,22 @@ def drop_long_prompts(prompts: PromptSet, lengths: list[int], max_tokens: int) -
     return prompts.select(keep), len(lengths) - len(keep)
 
 
-def load_source(cfg: DataParams, sources_dir: str | Path | None = None) -> PromptSet:
+def load_source(cfg: DataParams, sources_dir: str | Path | None = None, seed: int = 0) -> PromptSet:
     """Read the prompts that ``data.source`` names; local files must lie under ``sources_dir``
-    (if given)."""
+    (if given). ``seed`` draws the constraints of ``ifeval_constraints``."""
     if cfg.source == "ifeval":
         return load_ifeval()
     if cfg.source == "file":
         return load_file(cfg.path, cfg.prompt_field, sources_dir)
+    if cfg.source == "ifeval_constraints":
+        from rlhf_pipeline import constraints
+
+        c = cfg.constraints
+        extra = load_file(cfg.path, cfg.prompt_field, sources_dir).prompts if cfg.path else None
+        return constraints.build_constraint_prompts(
+            constraints.load_base_instructions(c.base_instructions, extra), seed,
+            (c.min_constraints, c.max_constraints), c.instructions or constraints.instruction_ids(),
+            constraints.benchmark_shingles())
     if cfg.source == "huggingface":
         return load_hf_dataset(cfg, sources_dir)
     raise PipelineError(f"data.source: unknown source {cfg.source!r}")

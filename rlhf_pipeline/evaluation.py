@@ -130,7 +130,7 @@ def policy_summary(table: pa.Table, scorers: Scorers) -> dict:
 
 def compare_with_base(base: pa.Table, base_dir: str | Path, policy_dir: str | Path, prompts: pa.Table,
                       generate: GenerateParams, scorers: Scorers, cfg: EvaluateParams, seed: int,
-                      where: str) -> tuple[pa.Table, dict]:
+                      where: str, with_kl: bool = True) -> tuple[pa.Table, dict]:
     """Sample and score a policy on held-out prompts and compare it, paired, with the base policy's
     responses to the same prompts (``base``: rows of a :func:`sample_and_score` table, same seeds).
 
@@ -142,6 +142,9 @@ def compare_with_base(base: pa.Table, base_dir: str | Path, policy_dir: str | Pa
     they estimate KL(πθ ‖ π0) of those temperature-scaled policies, while the samples also pass the
     top-p filter, so neither is exactly the KL between the two nucleus samplers. With greedy
     decoding (temperature 0) both are taken at temperature 1 along the greedy responses.
+
+    ``with_kl=False`` leaves the KL out (its columns and ``kl``): two full forward passes over
+    every response, which on the IFEval benchmark's 541 long responses cost as much as sampling them.
 
     Returns:
         (one row per (prompt_id, response_idx), sorted: the prompt, each policy's response,
@@ -164,14 +167,16 @@ def compare_with_base(base: pa.Table, base_dir: str | Path, policy_dir: str | Pa
                             "responses and seeds; rerun evaluate_base")
     texts = dict(zip(prompts.column("prompt_id").to_pylist(), prompts.column("prompt").to_pylist()))
     order = sorted(texts)
-    kl_rows = list(zip(*(trained.column(c).to_pylist() for c in ("prompt_id", "token_ids"))))
-    t0 = time.perf_counter()
-    kl = policy_kl(base_dir, policy_dir, texts, kl_rows, sampling.temperature or 1.0, cfg.logprob_batch_size,
-                   sampling.dtype)
-    kl_seconds = time.perf_counter() - t0
-
     tables = {"base": base, "trained": trained}
-    table = _eval_table(texts, tables, kl)
+    if not with_kl:
+        table = _eval_table(texts, tables, None)
+    else:
+        kl_rows = list(zip(*(trained.column(c).to_pylist() for c in ("prompt_id", "token_ids"))))
+        t0 = time.perf_counter()
+        kl = policy_kl(base_dir, policy_dir, texts, kl_rows, sampling.temperature or 1.0, cfg.logprob_batch_size,
+                       sampling.dtype)
+        kl_seconds = time.perf_counter() - t0
+        table = _eval_table(texts, tables, kl)
     means = {name: per_prompt_means(t.column("prompt_id").to_pylist(), t.column("reward").to_pylist(), order)
              for name, t in tables.items()}
     metrics: dict = {"prompts": len(order), "responses_per_prompt": sampling.num_responses,
@@ -181,6 +186,8 @@ def compare_with_base(base: pa.Table, base_dir: str | Path, policy_dir: str | Pa
     metrics.update(paired_comparison(means["base"], means["trained"], cfg.bootstrap_samples, cfg.confidence, seed))
     metrics["base"] = policy_summary(base, scorers)
     metrics["trained"] = {**policy_summary(trained, scorers), **facts}
+    if not with_kl:
+        return table, _rounded(metrics)
     log_ratio = table.column("kl_log_ratio").to_pylist()
     metrics["kl"] = {"mean": statistics.fmean(kl["kl"]), "std": statistics.pstdev(kl["kl"]),
                      "per_token": sum(kl["kl"]) / max(1, sum(trained.column("num_tokens").to_pylist())),
@@ -189,9 +196,9 @@ def compare_with_base(base: pa.Table, base_dir: str | Path, policy_dir: str | Pa
     return table, _rounded(metrics)
 
 
-def _eval_table(prompts: dict[str, str], tables: dict[str, pa.Table], kl: dict[str, list[float]]) -> pa.Table:
+def _eval_table(prompts: dict[str, str], tables: dict[str, pa.Table], kl: dict[str, list[float]] | None) -> pa.Table:
     """One row per (prompt_id, response_idx) with both policies' responses side by side (both
-    tables sorted by the keys, checked by the caller)."""
+    tables sorted by the keys, checked by the caller); the KL columns when ``kl`` is given."""
     base = tables["base"]
     columns: dict[str, pa.Array] = {"prompt_id": base.column("prompt_id"), "response_idx": base.column("response_idx"),
                                     "prompt": pa.array([prompts[pid] for pid in base.column("prompt_id").to_pylist()],
@@ -200,6 +207,8 @@ def _eval_table(prompts: dict[str, str], tables: dict[str, pa.Table], kl: dict[s
         for col in tables[name].column_names:
             if col not in (*_KEYS, "token_ids", "split"):
                 columns[f"{name}_{col}"] = tables[name].column(col)
+    if kl is None:
+        return pa.table(columns)
     columns["trained_logprob"] = pa.array(kl["policy"], pa.float64())
     columns["base_logprob_of_trained"] = pa.array(kl["reference"], pa.float64())
     columns["kl_log_ratio"] = pa.array([p - r for p, r in zip(kl["policy"], kl["reference"])], pa.float64())

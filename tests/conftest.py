@@ -149,6 +149,7 @@ def tiny_overrides(model_dir, reward_model_dir) -> dict:
         "train": {"dtype": "float32", "logprob_batch_size": 4, "learning_rate": 1e-4,
                   "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "save_every": 2},
         "evaluate": {"num_responses": 2, "max_new_tokens": 12, "bootstrap_samples": 500, "logprob_batch_size": 4},
+        "benchmark": {"num_prompts": 6, "max_new_tokens": 8, "bootstrap_samples": 200},
         # 16 short AlpacaEval demonstrations, 4 held out: 8 updates
         "sft": {"num_demonstrations": 20, "val_size": 4, "max_tokens": 160, "learning_rate": 1e-3, "dtype": "float32",
                 "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "save_every": 2,

@@ -74,7 +74,8 @@ def test_outputs_and_schema(project):
     assert set(lock_md5s(project)) == {
         "models/base", "data/prompts/train.parquet", "data/prompts/val.parquet", "data/prompts/test.parquet",
         *(f"data/{it}/{f}.parquet" for it in ITERATIONS for f in ("generations", "scores", "pairs", "ref_logprobs")),
-        *(f"models/{it}" for it in ITERATIONS), *(f"data/eval/{n}.parquet" for n in ("base", *ITERATIONS, "test"))}
+        *(f"models/{it}" for it in ITERATIONS), *(f"data/eval/{n}.parquet" for n in ("base", *ITERATIONS, "test")),
+        "data/benchmark/base.parquet", "data/benchmark/final.parquet"}
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(project / "models/iter_2").config.num_hidden_layers == 2
@@ -126,23 +127,66 @@ def test_evaluate_outputs_are_consistent(project):
     assert sum(int(line.split("\t")[1]) for line in hist[1:]) == 8
 
 
-def test_report_logs_one_mlflow_run(project):
+def test_benchmark_outputs_are_consistent(project):
+    """The IFEval benchmark stages: π0 once, the last iteration against it, paired over the same
+    prompts (a seeded subset of 6 here), one greedy response each; the figures recomputed from the table."""
+    from rlhf_pipeline.benchmark import FIGURES, scores, side_of
+
+    base = pq.read_table(project / "data/benchmark/base.parquet")
+    final = pq.read_table(project / "data/benchmark/final.parquet")
+    m = json.loads((project / "metrics/benchmark/final.json").read_text())
+    b = json.loads((project / "metrics/benchmark/base.json").read_text())
+    assert base.num_rows == final.num_rows == m["prompts"] == b["prompts"] == 6
+    assert m["policy"] == "iter_2" and m["max_new_tokens"] == b["max_new_tokens"] == 8
+    assert sorted(base.column("prompt_id").to_pylist()) == final.column("prompt_id").to_pylist()
+    assert final.column("base_response").to_pylist() == base.sort_by("prompt_id").column("response").to_pylist()
+    assert set(base.column("seed").to_pylist()) and all(f in ("stop", "length") for f in base.column("finish_reason").to_pylist())
+    assert sorted(m["ifeval"]) == sorted(FIGURES)
+    for policy in ("base", "trained"):
+        want = scores(side_of(final, policy))
+        for name in FIGURES:
+            assert m["ifeval"][name][policy] == pytest.approx(want[name], abs=1e-6)
+        assert m[policy]["mean_response_tokens"] == pytest.approx(
+            sum(final.column(f"{policy}_num_tokens").to_pylist()) / 6, abs=1e-6)
+    for name in FIGURES:
+        assert b[name] == pytest.approx(m["ifeval"][name]["base"], abs=1e-6)
+        f = m["ifeval"][name]
+        assert f["diff"] == pytest.approx(f["trained"] - f["base"], abs=1e-6) and f["ci_low"] <= f["ci_high"]
+    assert b["truncated_share"] == m["base"]["truncated_share"] and "kl" not in m  # KL: the evaluation stages'
+    assert not [c for c in final.column_names if c.startswith("kl")]
+
+
+def test_report_logs_a_parent_run_and_a_child_run_per_iteration(project):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("rlhf-pipeline").experiment_id])
-    assert len(runs) == 1
-    run = runs[0]
+    experiment = client.get_experiment_by_name("rlhf-pipeline")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the model-training view
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    run = parents[0]
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == run.info.run_id}
+    assert sorted(children) == list(ITERATIONS) and len(runs) == 3
     assert run.data.params["train.objective.eta"] == "1.0" and run.data.params["seed"] == "7"
     evaluation = json.loads((project / "metrics/eval.json").read_text())
     assert run.data.metrics["evaluate.test.win_rate.value"] == pytest.approx(evaluation["test"]["win_rate"]["value"])
-    assert run.data.metrics["iter_2.pairs.pairs_out"] == json.loads(
-        (project / "metrics/iter_2/pairs.json").read_text())["pairs_out"]
+    # the headline: the benchmark's figures and intervals, unprefixed
+    bench = json.loads((project / "metrics/benchmark/final.json").read_text())
+    for key in ("diff", "ci_low", "ci_high", "base", "trained"):
+        assert run.data.metrics[f"ifeval.instruction_level_loose.{key}"] == pytest.approx(
+            bench["ifeval"]["instruction_level_loose"][key])
+    assert run.data.metrics["evaluate.test.kl.mean"] == pytest.approx(evaluation["test"]["kl"]["mean"])
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout.strip()
     assert run.data.tags["git_commit"] == commit
-    assert run.data.tags["dvc.md5.data/iter_1/pairs.parquet"] == lock_md5s(project)["data/iter_1/pairs.parquet"]
+    md5s = lock_md5s(project)
+    assert run.data.tags["dvc.md5.data/iter_1/pairs.parquet"] == md5s["data/iter_1/pairs.parquet"]
     for it in ITERATIONS:
-        history = client.get_metric_history(run.info.run_id, f"{it}.train_log.loss")
+        child = children[it]
+        assert child.data.metrics["pairs.pairs_out"] == json.loads(
+            (project / f"metrics/{it}/pairs.json").read_text())["pairs_out"]
+        assert child.data.params["seed"] == "7"
+        history = client.get_metric_history(child.info.run_id, "train_log.loss")
         updates = json.loads((project / f"metrics/{it}/train.json").read_text())["updates"]
         assert sorted(h.step for h in history) == list(range(1, updates + 1))
     # The per-iteration validation curve, step = iteration (0 = base), as the MLflow UI draws it.
@@ -150,7 +194,19 @@ def test_report_logs_one_mlflow_run(project):
     assert sorted(h.step for h in curve) == [0, 1, 2]
     assert {h.step: h.value for h in curve}[2] == pytest.approx(evaluation["validation"]["iter_2"]["reward_diff"])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"test.parquet", "params.yaml", "dvc.lock", "plots"} <= artifacts
+    assert {"test.parquet", "params.yaml", "dvc.lock", "plots", "benchmark_comparison.json",
+            "benchmark_examples.md"} <= artifacts
+    (project / "dl").mkdir(exist_ok=True)
+    local = client.download_artifacts(run.info.run_id, "benchmark_comparison.json", str(project / "dl"))
+    table = json.loads(open(local, encoding="utf-8").read())
+    assert len(table["data"]) == 6 and "trained_response" in table["columns"]
+    # the inputs, digest = DVC md5; the final policy as a logged model that names its DVC path and md5
+    inputs = {d.dataset.name: d for d in client.get_run(run.info.run_id).inputs.dataset_inputs}
+    assert inputs["prompts/train"].dataset.digest == md5s["data/prompts/train.parquet"]
+    assert {t.value for t in inputs["prompts/val"].tags} == {"validation"}
+    models = client.search_logged_models(experiment_ids=[experiment.experiment_id])
+    assert [(m.name, m.tags["dvc.path"], m.tags["dvc.md5"], m.source_run_id) for m in models] == [
+        ("policy-iter_2", "models/iter_2", md5s["models/iter_2"], run.info.run_id)]
 
 
 def free_port() -> int:
@@ -201,14 +257,16 @@ def test_report_to_a_real_mlflow_server(project, mlflow_server):
     assert proc.returncode == 0, proc.stderr
     client = MlflowClient(tracking_uri=mlflow_server)
     runs = client.search_runs([client.get_experiment_by_name("rlhf-pipeline").experiment_id])
-    assert len(runs) == 1
-    run = runs[0]
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and len(runs) == 1 + len(ITERATIONS)
+    run = parents[0]
     params = yaml.safe_load((project / "params.yaml").read_text())
     assert run.data.params["train.learning_rate"] == str(params["train"]["learning_rate"])
     assert run.data.params["evaluate.num_responses"] == "2"
     evaluation = json.loads((project / "metrics/eval.json").read_text())
     assert run.data.metrics["evaluate.test.reward.diff"] == pytest.approx(evaluation["test"]["reward"]["diff"])
-    assert run.data.metrics["iter_1.train.updates"] == json.loads(
+    child = next(r for r in runs if r.info.run_name == "iter_1")
+    assert child.data.metrics["train.updates"] == json.loads(
         (project / "metrics/iter_1/train.json").read_text())["updates"]
     assert run.data.tags["dvc.md5.models/iter_2"] == lock_md5s(project)["models/iter_2"]
     assert len(run.data.tags["git_commit"]) == 40
@@ -276,7 +334,7 @@ def test_changed_eta_reruns_iteration_1_train_and_everything_after_it(project):
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     assert ran(run_dvc(project, "repro").stdout) == {
         "train@iter_1", *stages_of("evaluate"), "generate@iter_2", "score@iter_2", "pairs@iter_2",
-        "ref_logprobs@iter_2", "train@iter_2", "evaluate_test", "report"}
+        "ref_logprobs@iter_2", "train@iter_2", "evaluate_test", "benchmark", "report"}
     after = lock_md5s(project)
     changed = {k for k in before if before[k] != after[k]}
     assert {"models/iter_1", "data/iter_2/generations.parquet", "models/iter_2"} <= changed
@@ -293,9 +351,11 @@ def test_a_third_iteration_reruns_only_itself_and_what_reads_it(project, tmp_pat
     # writes the same prompt files, and nothing of iterations 1-2 reruns
     assert ran(run_dvc(project, "repro").stdout) == {
         "prepare_prompts", "generate@iter_3", "score@iter_3", "pairs@iter_3", "ref_logprobs@iter_3", "train@iter_3",
-        "evaluate@iter_3", "evaluate_test", "report"}
+        "evaluate@iter_3", "evaluate_test", "benchmark", "report"}
     after = lock_md5s(project)
-    assert all(after[k] == v for k, v in before.items() if k != "data/eval/test.parquet")
+    assert all(after[k] == v for k, v in before.items() if k not in ("data/eval/test.parquet",
+                                                                     "data/benchmark/final.parquet"))
+    assert json.loads((project / "metrics/benchmark/final.json").read_text())["policy"] == "iter_3"
     assert json.loads((project / "metrics/eval.json").read_text())["test"]["iteration"] == "iter_3"
     assert (project / "metrics/eval_iterations.tsv").read_text().count("\n") == 1 + 4  # base + 3 iterations
     third = set(pq.read_table(project / "data/iter_3/generations.parquet").column("prompt_id").to_pylist())
@@ -308,7 +368,7 @@ def test_reference_base_reruns_the_reference_log_probs_and_what_they_change(proj
     training does not rerun); iteration 2 now regresses against π0 instead of π_2."""
     set_param(project, "train", "reference", "base")
     assert ran(run_dvc(project, "repro").stdout) == {
-        *stages_of("ref_logprobs"), "train@iter_2", "evaluate@iter_2", "evaluate_test", "report"}
+        *stages_of("ref_logprobs"), "train@iter_2", "evaluate@iter_2", "evaluate_test", "benchmark", "report"}
     ref2 = json.loads((project / "metrics/iter_2/ref_logprobs.json").read_text())
     assert ref2["reference"] == "base" and ref2["reference_policy"] == "models/base"
 
@@ -453,11 +513,12 @@ def test_online_variant_trains_evaluates_and_reports_each_algorithm(tiny_project
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("rlhf-pipeline").experiment_id],
                               "params.`online.rollout_steps` = '2'", order_by=["attributes.start_time DESC"])
-    run = runs[0]
-    assert run.data.metrics["ppo.evaluate.test.reward.diff"] == pytest.approx(
+    run = next(r for r in runs if "offline_rebel.evaluate.test.reward.diff" in r.data.metrics)  # the parent
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == run.info.run_id}
+    assert sorted(children) == list(keys)
+    assert children["ppo"].data.metrics["evaluate.test.reward.diff"] == pytest.approx(
         json.loads((project / "online/metrics/eval/ppo.json").read_text())["test"]["reward"]["diff"])
-    assert "offline_rebel.evaluate.test.reward.diff" in run.data.metrics
-    history = client.get_metric_history(run.info.run_id, "grpo.train_log.reward")
+    history = client.get_metric_history(children["grpo"].info.run_id, "train_log.reward")
     assert sorted(h.step for h in history) == list(range(1, 9))
     assert not ran(run_dvc(project, "repro", "online/dvc.yaml").stdout)
     params = yaml.safe_load((project / "params.yaml").read_text())

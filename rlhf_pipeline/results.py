@@ -1,0 +1,113 @@
+"""``make results``: the results recipe, run as the default DAG on a params profile, recorded.
+
+The profile (``envs/results.yaml``: more prompts, the full IFEval benchmark) is merged over
+``params.yaml`` in a scratch copy of the project (``results/.workspace/``, git-ignored) whose DVC
+cache is the project's own, so a stage that already ran with the same code, data and params, the
+base policy's benchmark above all, is restored from DVC's run cache instead of rerun, and an
+interrupted run resumes. The MLflow run goes to the project's ``mlflow.db`` unless
+``MLFLOW_TRACKING_URI`` is set. What the run produced is copied to ``results/`` for a commit: the
+merged ``params.yaml``, the ``dvc.lock`` (every output's md5, for a byte-identical check of a
+rerun), the ``metrics/`` folder and ``stage_times.json`` (wall seconds per stage as run here;
+0 for a stage restored from the run cache).
+
+Usage: ``python -m rlhf_pipeline.results [--profile envs/results.yaml] [--out results]`` from the
+project root. Exit status 0 on success, 1 when ``dvc repro`` fails, 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from rlhf_pipeline.errors import PipelineError
+from rlhf_pipeline.repro_check import merged, scratch_copy
+
+#: What ``results/`` keeps of a run (besides ``stage_times.json``).
+RECORDED = ("params.yaml", "dvc.lock", "metrics")
+
+
+def stage_times(lines: list[tuple[float, str]], end: float) -> dict[str, float]:
+    """Wall seconds per stage from timestamped ``dvc repro`` output lines: a stage runs from its
+    ``Running stage 'x'`` line to the next stage's line (or ``end``); a stage DVC restored from
+    the run cache (``Stage 'x' is cached - skipping run``) or found unchanged takes 0."""
+    starts, out = [], {}
+    for t, line in lines:
+        if line.startswith("Running stage '"):
+            starts.append((line.split("'")[1], t))
+        elif line.startswith("Stage '") and ("is cached" in line or "didn't change" in line):
+            out[line.split("'")[1]] = 0.0
+    for i, (name, t) in enumerate(starts):
+        out[name] = round((starts[i + 1][1] if i + 1 < len(starts) else end) - t, 1)
+    return out
+
+
+def run_results(root: Path, profile: Path, out: Path) -> int:
+    """Run the DAG on ``profile`` in the workspace and record it in ``out``; returns the exit status.
+
+    Raises:
+        PipelineError: the profile is missing or its params invalid (before any run).
+    """
+    from rlhf_pipeline.params import PARAMS_FILE, parse_params
+
+    try:
+        overrides = yaml.safe_load(profile.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise PipelineError(f"{profile}: cannot read the profile ({exc})") from None
+    params = merged(yaml.safe_load((root / PARAMS_FILE).read_text(encoding="utf-8")), overrides)
+    parse_params(params, f"{PARAMS_FILE} + {profile}")
+    workspace = out / ".workspace"
+    shutil.rmtree(workspace, ignore_errors=True)
+    scratch = scratch_copy(root, workspace / root.name)
+    (scratch / PARAMS_FILE).write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{(root / 'mlflow.db').resolve()}")
+    dvc = [sys.executable, "-m", "dvc"]
+    cache = (root / ".dvc" / "cache").resolve()
+    cache.mkdir(parents=True, exist_ok=True)
+    subprocess.run(dvc + ["cache", "dir", "--local", str(cache)], cwd=scratch, env=env, check=True)
+    print(f"results: dvc repro on {profile} in {scratch} (cache {cache})", flush=True)
+    lines: list[tuple[float, str]] = []
+    proc = subprocess.Popen(dvc + ["repro"], cwd=scratch, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, bufsize=1)
+    for line in proc.stdout:
+        print(line, end="", flush=True)
+        lines.append((time.monotonic(), line.strip()))
+    if proc.wait() != 0:
+        print(f"results: dvc repro failed; the workspace is kept: {scratch}", file=sys.stderr)
+        return 1
+    times = stage_times(lines, time.monotonic())
+    out.mkdir(parents=True, exist_ok=True)
+    for name in RECORDED:
+        src, dest = scratch / name, out / name
+        if dest.is_dir():
+            shutil.rmtree(dest)
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, dest)
+    (out / "stage_times.json").write_text(json.dumps(times, indent=2) + "\n", encoding="utf-8")
+    print(f"results: recorded in {out}/ ({', '.join(RECORDED)}, stage_times.json); total "
+          f"{sum(times.values()) / 60:.1f} min of stages", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", type=Path, default=Path("envs/results.yaml"), help="params overrides")
+    parser.add_argument("--out", type=Path, default=Path("results"), help="where the run is recorded")
+    args = parser.parse_args(argv)
+    try:
+        return run_results(Path.cwd(), args.profile, args.out)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

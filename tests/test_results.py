@@ -1,0 +1,42 @@
+"""`make results` (rlhf_pipeline.results): wall time per stage from dvc's output, bad profiles refused early,
+and the example responses of the MLflow record chosen by rule."""
+
+from __future__ import annotations
+
+import pytest
+
+from rlhf_pipeline.errors import PipelineError
+from rlhf_pipeline.report import example_responses
+from rlhf_pipeline.results import run_results, stage_times
+
+
+def test_stage_times_from_dvc_output():
+    lines = [(0.0, "Running stage 'prepare_model':"), (1.0, "> python -m stages.prepare_model ..."),
+             (5.0, "Stage 'benchmark_base' is cached - skipping run, checking out outputs"),
+             (6.0, "Running stage 'generate@iter_1':"), (60.5, "Running stage 'report':"),
+             (61.0, "Stage 'evaluate_base' didn't change, skipping")]
+    assert stage_times(lines, end=70.0) == {"prepare_model": 6.0, "benchmark_base": 0.0, "generate@iter_1": 54.5,
+                                            "report": 9.5, "evaluate_base": 0.0}
+
+
+def test_a_bad_profile_fails_before_any_run(tmp_path):
+    from conftest import REPO
+
+    profile = tmp_path / "p.yaml"
+    profile.write_text("benchmark: {max_new_tokens: 0}\n")
+    with pytest.raises(PipelineError, match="benchmark.max_new_tokens"):
+        run_results(REPO, profile, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(PipelineError, match="cannot read the profile"):
+        run_results(REPO, tmp_path / "missing.yaml", tmp_path / "out")
+
+
+def test_example_responses_pick_gains_then_losses_by_prompt_id():
+    columns = {"prompt_id": ["a", "b", "c", "d"], "prompt": ["pa", "pb", "pc", "pd"],
+               "base_response": ["x" * 3000, "bb", "bc", "bd"], "trained_response": ["ta", "tb", "tc", "td"],
+               "base_ifeval_all_loose": [False, True, False, False], "trained_ifeval_all_loose": [True, False, True, False],
+               "base_num_tokens": [1, 2, 3, 4], "trained_num_tokens": [5, 6, 7, 8],
+               "base_finish_reason": ["length"] * 4, "trained_finish_reason": ["stop"] * 4}
+    text = example_responses(columns, gained=1, lost=1, chars=100)
+    assert text.index("gained: prompt a") < text.index("lost: prompt b") and "prompt c" not in text
+    assert "x" * 100 + " […]" in text and "x" * 101 not in text
