@@ -268,7 +268,7 @@ def log_pipeline_run(record: PipelineRecord, root: Path, lock_path: Path) -> str
     """Record one completed pipeline execution: a parent run and its child runs (``mlflow.parentRunId``).
 
     The parent holds every params key (flattened: ``train.eta``), the git and DVC tags (the md5 of
-    each output of ``lock_path`` as ``dvc.md5.<path>``), the headline metrics, the artifacts,
+    each data and model output of ``lock_path`` as ``dvc.md5.<path>``), the headline metrics, the artifacts,
     plots, tables and texts, the datasets (``log_inputs``, digest = DVC md5) and the final policy
     as a logged model whose tags give its DVC path and md5 (the weights stay in DVC's cache). Each
     child holds the params too, so the UI compares children on them.
@@ -307,7 +307,8 @@ def _log_pipeline_run(record: PipelineRecord, root: Path, lock_path: Path) -> st
 
     client, experiment_id = _client_and_experiment(root)
     tags = run_tags(root)
-    md5s = dvc_output_md5s(lock_path)
+    # data and models: a metrics file's values are the run's metrics already
+    md5s = {p: m for p, m in dvc_output_md5s(lock_path).items() if "metrics" not in Path(p).parts}
     tags.update({f"dvc.md5.{path}": md5 for path, md5 in md5s.items()})
     name = tags.get("dvc_exp_name") or f"repro-{tags['git_commit'][:8]}"
     run = client.create_run(experiment_id, run_name=record.parent.name or name)

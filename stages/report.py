@@ -59,10 +59,16 @@ def main(argv=None) -> None:
     headline = {"ifeval": bm["ifeval"],
                 "mean_response_tokens": {p: bm[p]["mean_response_tokens"] for p in ("base", "trained")},
                 "truncated_share": {p: bm[p]["truncated_share"] for p in ("base", "trained")}}
+    il = bm["ifeval"]["instruction_level_loose"]
+    note = (f"IFEval benchmark ({bm['prompts']} prompts, greedy, {bm['max_new_tokens']} new tokens), "
+            f"instruction-level loose accuracy: base {100 * il['base']:.1f} %, models/{names[-1]} "
+            f"{100 * il['trained']:.1f} %, difference {100 * il['diff']:+.1f} points "
+            f"[{100 * il['ci_low']:+.1f}, {100 * il['ci_high']:+.1f}] ({100 * bm['confidence']:.0f} % bootstrap over "
+            "prompts). Metrics ifeval.*: all four figures and the card's average; child runs: one per iteration.")
     record = PipelineRecord(
         params=raw,
         parent=RunRecord("", metrics={"": headline, **pipeline}, curves={"validation": ("iteration", iterations)},
-                         tags={"rlhf.policy": f"models/{names[-1]}"}),
+                         tags={"rlhf.policy": f"models/{names[-1]}", "mlflow.note.content": note}),
         children=children,
         artifacts=[Path(args.test_table), Path(PARAMS_FILE), lock],
         plots=figures(train_logs, iterations, table.column("base_reward").to_pylist(),
