@@ -4,8 +4,8 @@ The profile (``envs/results.yaml``: more prompts, the full IFEval benchmark) is 
 ``params.yaml`` in a scratch copy of the project (``results/.workspace/``, git-ignored) whose DVC
 cache is the project's own, so a stage that already ran with the same code, data and params, the
 base policy's benchmark above all, is restored from DVC's run cache instead of rerun, and an
-interrupted run resumes. The MLflow run goes to the project's ``mlflow.db`` unless
-``MLFLOW_TRACKING_URI`` is set. What the run produced is copied to ``results/`` for a commit: the
+interrupted run resumes. The MLflow run (``results-<commit>``, tagged with the project's commit)
+goes to the project's ``mlflow.db`` unless ``MLFLOW_TRACKING_URI`` is set. What the run produced is copied to ``results/`` for a commit: the
 merged ``params.yaml``, the ``dvc.lock`` (every output's md5, for a byte-identical check of a
 rerun), the ``metrics/`` folder and ``stage_times.json`` (wall seconds per stage as run here;
 0 for a stage restored from the run cache).
@@ -29,6 +29,7 @@ import yaml
 
 from rlhf_pipeline.errors import PipelineError
 from rlhf_pipeline.repro_check import merged, scratch_copy
+from rlhf_pipeline.tracking import SOURCE_COMMIT_ENV, SOURCE_DIRTY_ENV, git_info
 
 #: What ``results/`` keeps of a run (besides ``stage_times.json``).
 RECORDED = ("params.yaml", "dvc.lock", "metrics")
@@ -70,6 +71,8 @@ def run_results(root: Path, profile: Path, out: Path) -> int:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{(root / 'mlflow.db').resolve()}")
+    git = git_info(root)
+    env[SOURCE_COMMIT_ENV], env[SOURCE_DIRTY_ENV] = git["git_commit"], git["git_dirty"]
     dvc = [sys.executable, "-m", "dvc"]
     cache = (root / ".dvc" / "cache").resolve()
     cache.mkdir(parents=True, exist_ok=True)

@@ -135,9 +135,18 @@ def dvc_output_md5s(lock_path: str | os.PathLike) -> dict[str, str]:
     return dict(sorted(out.items()))
 
 
+#: Set by ``make results`` (:mod:`rlhf_pipeline.results`), whose DAG runs in a scratch copy: the
+#: project's commit and work-tree state, which the copy's own git does not know.
+SOURCE_COMMIT_ENV, SOURCE_DIRTY_ENV = "RLHF_SOURCE_COMMIT", "RLHF_SOURCE_DIRTY"
+
+
 def run_tags(root: Path) -> dict[str, str]:
-    """Tags every run of this project carries: git commit, DVC experiment name if any."""
+    """Tags every run of this project carries: git commit, DVC experiment name if any; for a
+    ``make results`` run the project's commit (not its scratch copy's) and ``rlhf.run = results``."""
     tags = git_info(root)
+    if os.environ.get(SOURCE_COMMIT_ENV):
+        tags.update({"git_commit": os.environ[SOURCE_COMMIT_ENV],
+                     "git_dirty": os.environ.get(SOURCE_DIRTY_ENV, "unknown"), "rlhf.run": "results"})
     exp = os.environ.get("DVC_EXP_NAME")
     if exp:
         tags["dvc_exp_name"] = exp
@@ -310,7 +319,7 @@ def _log_pipeline_run(record: PipelineRecord, root: Path, lock_path: Path) -> st
     # data and models: a metrics file's values are the run's metrics already
     md5s = {p: m for p, m in dvc_output_md5s(lock_path).items() if "metrics" not in Path(p).parts}
     tags.update({f"dvc.md5.{path}": md5 for path, md5 in md5s.items()})
-    name = tags.get("dvc_exp_name") or f"repro-{tags['git_commit'][:8]}"
+    name = tags.get("dvc_exp_name") or f"{tags.get('rlhf.run', 'repro')}-{tags['git_commit'][:8]}"
     run = client.create_run(experiment_id, run_name=record.parent.name or name)
     run_id = run.info.run_id
     created = [run_id]

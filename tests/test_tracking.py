@@ -133,3 +133,12 @@ def test_a_file_that_is_not_a_store_is_one_line(tmp_path, monkeypatch):
     (tmp_path / "mlflow.db").write_bytes(b"this is not an sqlite database" * 100)
     with pytest.raises(PipelineError, match="mlflow.db: MLflow cannot use this store"):
         _client_and_experiment(Path(tmp_path))
+
+
+def test_a_results_run_is_tagged_with_the_projects_commit(tmp_path, monkeypatch):
+    from rlhf_pipeline.tracking import run_tags
+
+    monkeypatch.setenv("RLHF_SOURCE_COMMIT", "a" * 40)
+    monkeypatch.setenv("RLHF_SOURCE_DIRTY", "false")
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    assert run_tags(tmp_path) == {"git_commit": "a" * 40, "git_dirty": "false", "rlhf.run": "results"}
