@@ -145,13 +145,17 @@ def test_queued_experiments_land_in_dvc_exp_show_and_mlflow(tiny_project, tmp_pa
     runs = client.search_runs([client.get_experiment_by_name("rlhf-pipeline").experiment_id])
     live = [r for r in runs if r.data.tags.get("rlhf.stage") == "train-live"]
     live_ids = {r.info.run_id for r in live}
-    by_exp = {r.data.tags.get("dvc_exp_name"): r for r in runs if r.info.run_id not in live_ids}
-    assert {"bootstrap-1k", "eta-two-lr"} <= set(by_exp)
+    parents = [r for r in runs if r.info.run_id not in live_ids and "mlflow.parentRunId" not in r.data.tags]
+    by_exp = {r.data.tags.get("dvc_exp_name"): r for r in parents}
+    assert {"bootstrap-1k", "eta-two-lr"} <= set(by_exp) and len(parents) == len(by_exp)
+    # each report's child runs (one per iteration) carry their experiment's name too
+    children = {(r.data.tags.get("dvc_exp_name"), r.info.run_name): r for r in runs
+                if r.data.tags.get("mlflow.parentRunId") in {p.info.run_id for p in parents}}
     # train.mlflow_live streamed the second experiment's updates, one run per iteration's train stage.
     assert sorted((r.data.tags["dvc_exp_name"], r.data.params["iteration"]) for r in live) == [
         ("eta-two-lr", "iter_1"), ("eta-two-lr", "iter_2")]
     for run in live:
-        updates = int(by_exp["eta-two-lr"].data.metrics[f"{run.data.params['iteration']}.train.updates"])
+        updates = int(children[("eta-two-lr", run.data.params["iteration"])].data.metrics["train.updates"])
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_log.loss")]
         assert sorted(steps) == list(range(1, updates + 1))
     assert by_exp["bootstrap-1k"].data.params["evaluate.bootstrap_samples"] == "1000"
