@@ -182,7 +182,8 @@ def test_iterations_chain_policies_and_keep_their_files_apart():
 #: listed here so that declaring the whole section is not reported as "more".
 OTHER_PATHS = {
     "prepare_prompts": {"data.path", "data.dataset", "data.config_name", "data.data_files", "data.split",
-                        "data.prompt_field"},
+                        "data.prompt_field", "data.constraints.base_instructions", "data.constraints.min_constraints",
+                        "data.constraints.max_constraints", "data.constraints.instructions"},
     "generate": {"generate.tensor_parallel_size", "generate.gpu_memory_utilization"},
     "sft": {"sft.path", "sft.dataset", "sft.config_name", "sft.data_files", "sft.split"},
     "reward_model": {"reward_model.path", "reward_model.dataset", "reward_model.config_name",
