@@ -125,6 +125,23 @@ def merged(base: dict, overrides: dict) -> dict:
     return out
 
 
+def profile_params(root: Path, profile: Path) -> dict:
+    """``root``'s ``params.yaml`` with the profile's keys merged in (:func:`merged`), validated.
+
+    Raises:
+        PipelineError: the profile is unreadable, or a merged key is invalid (before any run).
+    """
+    from rlhf_pipeline.params import PARAMS_FILE, parse_params
+
+    try:
+        overrides = yaml.safe_load(profile.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise PipelineError(f"{profile}: cannot read the profile ({exc})") from None
+    params = merged(yaml.safe_load((root / PARAMS_FILE).read_text(encoding="utf-8")), overrides)
+    parse_params(params, f"{PARAMS_FILE} + {profile}")  # bad keys fail here, before minutes of work
+    return params
+
+
 def _dvc_markdown(root: Path, env: dict, *args: str) -> str:
     proc = subprocess.run([sys.executable, "-m", "dvc", *args, "--md"], cwd=root, env=env, capture_output=True,
                           text=True)
@@ -140,14 +157,9 @@ def check_profile(root: Path, profile: Path, against: str | None, summary: Path 
     Raises:
         PipelineError: the profile is missing or invalid (before any run), or a run fails.
     """
-    from rlhf_pipeline.params import PARAMS_FILE, parse_params
+    from rlhf_pipeline.params import PARAMS_FILE
 
-    try:
-        overrides = yaml.safe_load(profile.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise PipelineError(f"{profile}: cannot read the profile ({exc})") from None
-    params = merged(yaml.safe_load((root / PARAMS_FILE).read_text(encoding="utf-8")), overrides)
-    parse_params(params, f"{PARAMS_FILE} + {profile}")  # bad keys fail here, before minutes of work
+    params = profile_params(root, profile)
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     scratch = scratch_copy(root, Path(tempfile.mkdtemp(prefix="check-repro-")) / root.name)

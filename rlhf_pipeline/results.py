@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from rlhf_pipeline.errors import PipelineError
-from rlhf_pipeline.repro_check import merged, scratch_copy
+from rlhf_pipeline.repro_check import profile_params, scratch_copy
 from rlhf_pipeline.tracking import SOURCE_COMMIT_ENV, SOURCE_DIRTY_ENV, git_info
 
 #: What ``results/`` keeps of a run (besides ``stage_times.json``).
@@ -56,14 +56,9 @@ def run_results(root: Path, profile: Path, out: Path) -> int:
     Raises:
         PipelineError: the profile is missing or its params invalid (before any run).
     """
-    from rlhf_pipeline.params import PARAMS_FILE, parse_params
+    from rlhf_pipeline.params import PARAMS_FILE
 
-    try:
-        overrides = yaml.safe_load(profile.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise PipelineError(f"{profile}: cannot read the profile ({exc})") from None
-    params = merged(yaml.safe_load((root / PARAMS_FILE).read_text(encoding="utf-8")), overrides)
-    parse_params(params, f"{PARAMS_FILE} + {profile}")
+    params = profile_params(root, profile)
     workspace = out / ".workspace"
     shutil.rmtree(workspace, ignore_errors=True)
     scratch = scratch_copy(root, workspace / root.name)
