@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # Stage commands run `python`; put the project's environment first on PATH.
 RUN    := PATH="$(BIN):$$PATH" HF_HUB_DISABLE_TELEMETRY=1
 
-.PHONY: venv repro repro-classic repro-online results test check-repro check-repro-ci bench clean-venv
+.PHONY: venv repro repro-classic repro-online compare results test check-repro check-repro-ci bench clean-venv
 
 venv: $(STAMP)
 
@@ -30,6 +30,16 @@ repro-classic: venv
 # one MLflow run comparing them with the offline REBEL), and what it reads of the default DAG.
 repro-online: venv
 	$(RUN) dvc repro online/dvc.yaml
+
+# The comparison that chose the results recipe (docs/results.md): iterated REBEL, iterated DPO,
+# rejection-sampling SFT and online GRPO on one sampling budget (256 responses), each judged on the
+# validation split only; one tuning run per profile of envs/compare/, recorded in results/compare/<name>/.
+COMPARE := rebel:evaluate@iter_2 dpo:evaluate@iter_2 rs_sft:classic/dvc.yaml:evaluate_sft \
+	grpo:online/dvc.yaml:online_evaluate@grpo
+compare: venv
+	set -e; for run in $(COMPARE); do name=$${run%%:*}; \
+		$(RUN) python -m rlhf_pipeline.results --profile envs/compare/$$name.yaml --out results/compare/$$name $${run#*:}; \
+	done
 
 # The results recipe (envs/results.yaml over params.yaml) in results/.workspace/, recorded in results/
 # (params, dvc.lock, metrics, wall time per stage): docs/results.md.

@@ -118,10 +118,16 @@ def check(root: Path, keep: bool = False) -> int:
 
 
 def merged(base: dict, overrides: dict) -> dict:
-    """``base`` with ``overrides`` merged in: mappings key by key, everything else replaced."""
+    """``base`` with ``overrides`` merged in: mappings key by key, everything else replaced. A
+    mapping that names another variant of a tagged union (its ``name`` differs from the base's, e.g.
+    ``train.objective: {name: dpo, beta: 0.1}`` over REBEL's) replaces it whole: REBEL's keys are
+    not DPO's."""
     out = dict(base)
     for key, value in overrides.items():
-        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        old = out.get(key)
+        same_variant = isinstance(old, dict) and old.get("name") == (value or {}).get("name", old.get("name")) \
+            if isinstance(value, dict) else False
+        out[key] = merged(old, value) if isinstance(value, dict) and same_variant else value
     return out
 
 

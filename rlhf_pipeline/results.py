@@ -10,8 +10,8 @@ merged ``params.yaml``, the ``dvc.lock`` (every output's md5, for a byte-identic
 rerun), the ``metrics/`` folder and ``stage_times.json`` (wall seconds per stage as run here;
 0 for a stage restored from the run cache).
 
-Usage: ``python -m rlhf_pipeline.results [--profile envs/results.yaml] [--out results]`` from the
-project root. Exit status 0 on success, 1 when ``dvc repro`` fails, 2 on bad input.
+Usage: ``python -m rlhf_pipeline.results [--profile envs/results.yaml] [--out results] [TARGET ...]``
+from the project root (targets: ``dvc repro``'s, for the tuning runs of ``envs/compare/``). Exit status 0 on success, 1 when ``dvc repro`` fails, 2 on bad input.
 """
 
 from __future__ import annotations
@@ -31,8 +31,10 @@ from rlhf_pipeline.errors import PipelineError
 from rlhf_pipeline.repro_check import profile_params, scratch_copy
 from rlhf_pipeline.tracking import SOURCE_COMMIT_ENV, SOURCE_DIRTY_ENV, git_info
 
-#: What ``results/`` keeps of a run (besides ``stage_times.json``).
-RECORDED = ("params.yaml", "dvc.lock", "metrics")
+#: What ``results/`` keeps of a run (besides ``stage_times.json``), where the run wrote it: the
+#: classic and online variants' locks and metrics when a target of theirs ran.
+RECORDED = ("params.yaml", "dvc.lock", "metrics", "classic/dvc.lock", "classic/metrics", "online/dvc.lock",
+            "online/metrics")
 
 
 def stage_times(lines: list[tuple[float, str]], end: float) -> dict[str, float]:
@@ -50,8 +52,10 @@ def stage_times(lines: list[tuple[float, str]], end: float) -> dict[str, float]:
     return out
 
 
-def run_results(root: Path, profile: Path, out: Path) -> int:
+def run_results(root: Path, profile: Path, out: Path, targets: list[str] | None = None) -> int:
     """Run the DAG on ``profile`` in the workspace and record it in ``out``; returns the exit status.
+    ``targets``: ``dvc repro`` targets (with what they depend on), e.g. ``evaluate@iter_2`` for a
+    tuning run that reads the validation split only; none: the whole default DAG.
 
     Raises:
         PipelineError: the profile is missing or its params invalid (before any run).
@@ -74,7 +78,7 @@ def run_results(root: Path, profile: Path, out: Path) -> int:
     subprocess.run(dvc + ["cache", "dir", "--local", str(cache)], cwd=scratch, env=env, check=True)
     print(f"results: dvc repro on {profile} in {scratch} (cache {cache})", flush=True)
     lines: list[tuple[float, str]] = []
-    proc = subprocess.Popen(dvc + ["repro"], cwd=scratch, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(dvc + ["repro", *(targets or [])], cwd=scratch, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, bufsize=1)
     for line in proc.stdout:
         print(line, end="", flush=True)
@@ -84,13 +88,15 @@ def run_results(root: Path, profile: Path, out: Path) -> int:
         return 1
     times = stage_times(lines, time.monotonic())
     out.mkdir(parents=True, exist_ok=True)
-    for name in RECORDED:
+    recorded = [name for name in RECORDED if (scratch / name).exists()]
+    for name in recorded:
         src, dest = scratch / name, out / name
         if dest.is_dir():
             shutil.rmtree(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, dest)
     (out / "stage_times.json").write_text(json.dumps(times, indent=2) + "\n", encoding="utf-8")
-    print(f"results: recorded in {out}/ ({', '.join(RECORDED)}, stage_times.json); total "
+    print(f"results: recorded in {out}/ ({', '.join(recorded)}, stage_times.json); total "
           f"{sum(times.values()) / 60:.1f} min of stages", flush=True)
     return 0
 
@@ -99,9 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", type=Path, default=Path("envs/results.yaml"), help="params overrides")
     parser.add_argument("--out", type=Path, default=Path("results"), help="where the run is recorded")
+    parser.add_argument("targets", nargs="*", help="dvc repro targets (default: the whole default DAG), e.g. "
+                        "evaluate@iter_2 or classic/dvc.yaml:evaluate_sft")
     args = parser.parse_args(argv)
     try:
-        return run_results(Path.cwd(), args.profile, args.out)
+        return run_results(Path.cwd(), args.profile, args.out, args.targets)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

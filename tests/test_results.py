@@ -40,3 +40,20 @@ def test_example_responses_pick_gains_then_losses_by_prompt_id():
     text = example_responses(columns, gained=1, lost=1, chars=100)
     assert text.index("gained: prompt a") < text.index("lost: prompt b") and "prompt c" not in text
     assert "x" * 100 + " […]" in text and "x" * 101 not in text
+
+
+def test_a_profile_switching_the_objective_replaces_it_and_keeps_other_keys():
+    from conftest import REPO
+
+    from rlhf_pipeline.repro_check import merged, profile_params
+
+    base = {"objective": {"name": "rebel", "eta": 1.0}, "learning_rate": 6e-5}
+    assert merged(base, {"objective": {"name": "dpo", "beta": 0.1}}) == {"objective": {"name": "dpo", "beta": 0.1},
+                                                                       "learning_rate": 6e-5}
+    assert merged(base, {"objective": {"eta": 2.0}})["objective"] == {"name": "rebel", "eta": 2.0}
+    assert merged({"a": {"x": 1, "y": 2}}, {"a": {"y": 3}}) == {"a": {"x": 1, "y": 3}}
+    # Every committed comparison profile is valid over the committed params.yaml.
+    profiles = sorted((REPO / "envs" / "compare").glob("*.yaml"))
+    assert {p.stem for p in profiles} >= {"dpo", "grpo", "rs_sft"}
+    for profile in profiles:
+        profile_params(REPO, profile)
