@@ -88,7 +88,10 @@ def run_results(root: Path, profile: Path, out: Path, targets: list[str] | None 
         return 1
     times = stage_times(lines, time.monotonic())
     out.mkdir(parents=True, exist_ok=True)
-    recorded = [name for name in RECORDED if (scratch / name).exists()]
+    # A variant's metrics count only where its lock shows it ran: the scratch copy holds the
+    # committed metrics files of every variant but no lock (scratch_copy).
+    ran = {name.split("/")[0] for name in RECORDED if name.endswith("/dvc.lock") and (scratch / name).exists()}
+    recorded = [name for name in RECORDED if (scratch / name).exists() and ("/" not in name or name.split("/")[0] in ran)]
     for name in recorded:
         src, dest = scratch / name, out / name
         if dest.is_dir():
