@@ -31,10 +31,25 @@ from rlhf_pipeline.errors import PipelineError
 from rlhf_pipeline.repro_check import profile_params, scratch_copy
 from rlhf_pipeline.tracking import SOURCE_COMMIT_ENV, SOURCE_DIRTY_ENV, git_info
 
-#: What ``results/`` keeps of a run (besides ``stage_times.json``), where the run wrote it: the
-#: classic and online variants' locks and metrics when a target of theirs ran.
-RECORDED = ("params.yaml", "dvc.lock", "metrics", "classic/dvc.lock", "classic/metrics", "online/dvc.lock",
-            "online/metrics")
+#: The pipelines' lock files; a run's record holds those it wrote.
+LOCKS = ("dvc.lock", "classic/dvc.lock", "online/dvc.lock")
+
+
+def recorded_files(workspace: Path) -> list[str]:
+    """What ``results/`` keeps of a run in ``workspace`` (besides ``stage_times.json``): the merged
+    ``params.yaml``, each lock the run wrote, and the metrics files (JSON, TSV) those locks list as
+    outputs of the stages that ran. The workspace also holds the committed metrics files of stages
+    that did not run (``scratch_copy`` copies the work tree); a record of a targeted run must not
+    carry them."""
+    files = ["params.yaml"]
+    for lock in LOCKS:
+        if not (workspace / lock).is_file():
+            continue
+        files.append(lock)
+        stages = (yaml.safe_load((workspace / lock).read_text(encoding="utf-8")) or {}).get("stages") or {}
+        files += sorted({o["path"] for entry in stages.values() for o in entry.get("outs") or []
+                         if "metrics/" in o["path"] and (workspace / o["path"]).is_file()})
+    return files
 
 
 def stage_times(lines: list[tuple[float, str]], end: float) -> dict[str, float]:
@@ -87,19 +102,15 @@ def run_results(root: Path, profile: Path, out: Path, targets: list[str] | None 
         print(f"results: dvc repro failed; the workspace is kept: {scratch}", file=sys.stderr)
         return 1
     times = stage_times(lines, time.monotonic())
-    out.mkdir(parents=True, exist_ok=True)
-    # A variant's metrics count only where its lock shows it ran: the scratch copy holds the
-    # committed metrics files of every variant but no lock (scratch_copy).
-    ran = {name.split("/")[0] for name in RECORDED if name.endswith("/dvc.lock") and (scratch / name).exists()}
-    recorded = [name for name in RECORDED if (scratch / name).exists() and ("/" not in name or name.split("/")[0] in ran)]
+    recorded = recorded_files(scratch)
+    for old in ("metrics", "classic", "online"):  # a previous record's files, never the workspace
+        shutil.rmtree(out / old, ignore_errors=True)
     for name in recorded:
-        src, dest = scratch / name, out / name
-        if dest.is_dir():
-            shutil.rmtree(dest)
+        dest = out / name
         dest.parent.mkdir(parents=True, exist_ok=True)
-        (shutil.copytree if src.is_dir() else shutil.copy2)(src, dest)
+        shutil.copy2(scratch / name, dest)
     (out / "stage_times.json").write_text(json.dumps(times, indent=2) + "\n", encoding="utf-8")
-    print(f"results: recorded in {out}/ ({', '.join(recorded)}, stage_times.json); total "
+    print(f"results: recorded in {out}/ ({len(recorded)} files: params, locks, metrics; stage_times.json); total "
           f"{sum(times.values()) / 60:.1f} min of stages", flush=True)
     return 0
 

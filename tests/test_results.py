@@ -57,3 +57,23 @@ def test_a_profile_switching_the_objective_replaces_it_and_keeps_other_keys():
     assert {p.stem for p in profiles} >= {"dpo", "grpo", "rs_sft"}
     for profile in profiles:
         profile_params(REPO, profile)
+
+
+def test_the_record_holds_the_metrics_of_the_stages_that_ran_only(tmp_path):
+    import yaml
+
+    from rlhf_pipeline.results import recorded_files
+
+    ws = tmp_path
+    for rel in ["params.yaml", "metrics/eval/iter_2.json", "metrics/benchmark/final.json",
+                "classic/metrics/eval/sft.json", "classic/metrics/sft.json", "online/metrics/eval/grpo.json",
+                "classic/models/sft/config.json"]:
+        (ws / rel).parent.mkdir(parents=True, exist_ok=True)
+        (ws / rel).write_text("{}")
+    # A targeted run of the classic variant: its lock and the root's (the stages it depended on).
+    (ws / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {"evaluate@iter_2": {"outs": [
+        {"path": "data/eval/iter_2.parquet"}, {"path": "metrics/eval/iter_2.json"}]}}}))
+    (ws / "classic" / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {"sft": {"outs": [
+        {"path": "classic/models/sft"}, {"path": "classic/metrics/sft.json"}]}}}))
+    assert recorded_files(ws) == ["params.yaml", "dvc.lock", "metrics/eval/iter_2.json", "classic/dvc.lock",
+                                  "classic/metrics/sft.json"]
