@@ -125,9 +125,9 @@ def merged(base: dict, overrides: dict) -> dict:
     out = dict(base)
     for key, value in overrides.items():
         old = out.get(key)
-        same_variant = isinstance(old, dict) and old.get("name") == (value or {}).get("name", old.get("name")) \
-            if isinstance(value, dict) else False
-        out[key] = merged(old, value) if isinstance(value, dict) and same_variant else value
+        same_variant = isinstance(old, dict) and isinstance(value, dict) and \
+            value.get("name", old.get("name")) == old.get("name")
+        out[key] = merged(old, value) if same_variant else value
     return out
 
 

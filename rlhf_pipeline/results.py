@@ -7,11 +7,12 @@ base policy's benchmark above all, is restored from DVC's run cache instead of r
 interrupted run resumes. The MLflow run (``results-<commit>``, tagged with the project's commit)
 goes to the project's ``mlflow.db`` unless ``MLFLOW_TRACKING_URI`` is set. What the run produced is copied to ``results/`` for a commit: the
 merged ``params.yaml``, the ``dvc.lock`` (every output's md5, for a byte-identical check of a
-rerun), the ``metrics/`` folder and ``stage_times.json`` (wall seconds per stage as run here;
+rerun), the metrics files of the stages that ran (:func:`recorded_files`) and ``stage_times.json`` (wall seconds per stage as run here;
 0 for a stage restored from the run cache).
 
 Usage: ``python -m rlhf_pipeline.results [--profile envs/results.yaml] [--out results] [TARGET ...]``
-from the project root (targets: ``dvc repro``'s, for the tuning runs of ``envs/compare/``). Exit status 0 on success, 1 when ``dvc repro`` fails, 2 on bad input.
+from the project root (targets: ``dvc repro``'s, for the tuning runs of ``envs/compare/``). Exit status
+0 on success, 1 when ``dvc repro`` fails, 2 on bad input.
 """
 
 from __future__ import annotations
@@ -93,8 +94,8 @@ def run_results(root: Path, profile: Path, out: Path, targets: list[str] | None 
     subprocess.run(dvc + ["cache", "dir", "--local", str(cache)], cwd=scratch, env=env, check=True)
     print(f"results: dvc repro on {profile} in {scratch} (cache {cache})", flush=True)
     lines: list[tuple[float, str]] = []
-    proc = subprocess.Popen(dvc + ["repro", *(targets or [])], cwd=scratch, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, bufsize=1)
+    proc = subprocess.Popen(dvc + ["repro", *(targets or [])], cwd=scratch, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1)
     for line in proc.stdout:
         print(line, end="", flush=True)
         lines.append((time.monotonic(), line.strip()))
