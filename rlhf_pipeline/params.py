@@ -126,11 +126,11 @@ class DataParams(_Section):
     prompt_field: str = Field("prompt", min_length=1)
     num_prompts: Int | None = Field(None, ge=3, description="train + validation + test prompts drawn (seeded); "
                                     "null: all")
-    test_size: Int = Field(48, ge=1, description="held-out test prompts: reported once per pipeline execution")
-    val_size: Int = Field(32, ge=1, description="held-out validation prompts: every iteration is evaluated on "
+    test_size: Int = Field(24, ge=1, description="held-out test prompts: reported once per pipeline execution")
+    val_size: Int = Field(16, ge=1, description="held-out validation prompts: every iteration is evaluated on "
                           "them; tune and choose on these, never on test")
     prompts_per_iteration: Int = Field(
-        32, ge=1, description="train prompts each iteration draws: iteration t takes chunk t of one seeded "
+        16, ge=1, description="train prompts each iteration draws: iteration t takes chunk t of one seeded "
         "permutation of the train prompts (disjoint; a fixed size, so adding an iteration changes no earlier one)")
     reuse_prompts: Bool = Field(False, description="every iteration uses the same chunk of train prompts "
                                 "(the first), as fixed-dataset iterative recipes do")
@@ -318,9 +318,10 @@ class OptimizerParams(_Section):
 
 
 class TrainParams(OptimizerParams):
-    """Policy optimisation (REBEL recipe, part 4), optimiser defaults as in the REBEL reference."""
+    """Policy optimisation (REBEL recipe, part 4), optimiser defaults as in the REBEL reference; the
+    default objective is iterated DPO, the results recipe chosen on validation (docs/results.md)."""
 
-    objective: Objective = Field(default_factory=lambda: RebelObjective(name="rebel"),
+    objective: Objective = Field(default_factory=lambda: DpoObjective(name="dpo", beta=0.1),
                                  description="the loss: {name: rebel, eta} | {name: dpo, beta} | "
                                  "{name: ipo, tau} | {name: simpo, beta, gamma}")
     reference: Literal["previous", "base"] = Field(
@@ -577,7 +578,7 @@ class BenchmarkParams(_Section):
     instruction-level accuracy, strict and loose, with paired bootstrap intervals over prompts.
     The full set is read once per pipeline execution, at the end: tune on the validation split."""
 
-    num_prompts: Int | None = Field(64, ge=1, description="null: all 541 prompts, the benchmark as reported "
+    num_prompts: Int | None = Field(32, ge=1, description="null: all 541 prompts, the benchmark as reported "
                                     "(envs/results.yaml); a number: a seeded subset, for the small default and "
                                     "tests (never a reported figure)")
     max_new_tokens: Int = Field(1280, gt=0, description="tokens; lm-evaluation-harness's IFEval limit, room for the "

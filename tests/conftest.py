@@ -146,7 +146,9 @@ def tiny_overrides(model_dir, reward_model_dir) -> dict:
                                {"name": "sequence-classification", "weight": 1.0,
                                 "options": {"model": str(reward_model_dir), "dtype": "float32"}}]},
         "pairs": {"max_prompt_tokens": 1024, "max_response_tokens": 2048, "min_reward_gap": 0.0},
-        "train": {"dtype": "float32", "logprob_batch_size": 4, "learning_rate": 1e-4,
+        # REBEL: the tests of the iterated DAG check its regression (the committed default is iterated DPO)
+        "train": {"objective": {"name": "rebel", "eta": 1.0}, "dtype": "float32", "logprob_batch_size": 4,
+                  "learning_rate": 1e-4,
                   "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "save_every": 2},
         "evaluate": {"num_responses": 2, "max_new_tokens": 12, "bootstrap_samples": 500, "logprob_batch_size": 4},
         "benchmark": {"num_prompts": 6, "max_new_tokens": 8, "bootstrap_samples": 200},

@@ -74,10 +74,10 @@ def test_empty_file_and_missing_section_are_errors(tmp_path):
 
 
 def test_duplicate_keys_are_an_error(tmp_path):
-    text = (REPO / "params.yaml").read_text().replace("    eta: 1.0", "    eta: 1.0\n    eta: 2.0")
+    text = (REPO / "params.yaml").read_text().replace("    beta: 0.1", "    beta: 0.1\n    beta: 0.2")
     path = tmp_path / "params.yaml"
     path.write_text(text)
-    with pytest.raises(PipelineError, match="not valid YAML.*duplicate key 'eta'"):
+    with pytest.raises(PipelineError, match="not valid YAML.*duplicate key 'beta'"):
         load_params(path)
 
 
@@ -98,7 +98,7 @@ def test_a_yaml_bomb_in_a_value_gives_a_short_error(tmp_path):
 
     lines = ["bomb0: &b0 [x, x, x, x, x, x, x, x, x]"]
     lines += [f"bomb{i}: &b{i} [" + ", ".join([f"*b{i - 1}"] * 9) + "]" for i in range(1, 9)]
-    text = "\n".join(lines) + "\n" + (REPO / "params.yaml").read_text().replace("  test_size: 48", "  test_size: *b8")
+    text = "\n".join(lines) + "\n" + (REPO / "params.yaml").read_text().replace("  test_size: 24", "  test_size: *b8")
     path = tmp_path / "params.yaml"
     path.write_text(text)
     t0 = time.perf_counter()
@@ -259,7 +259,7 @@ def test_bootstrap_resamples_are_bounded(section):
 
 def test_iterations_that_need_more_train_prompts_than_num_prompts_leaves_are_refused():
     iterations = {f"iter_{t}": {"prev": "base" if t == 1 else f"iter_{t - 1}"} for t in range(1, 51)}
-    with pytest.raises(PipelineError, match="iterations: 50 iterations of data.prompts_per_iteration=32 disjoint "
-                                            "prompts need 1600 train prompts, but data.num_prompts leaves 120"):
+    with pytest.raises(PipelineError, match="iterations: 50 iterations of data.prompts_per_iteration=16 disjoint "
+                                            "prompts need 800 train prompts, but data.num_prompts leaves 160"):
         parse_params(full({"iterations": iterations, "data": {"num_prompts": 200}}))
     assert parse_params(full({"iterations": iterations, "data": {"num_prompts": 200, "reuse_prompts": True}}))

@@ -59,6 +59,40 @@ def test_a_profile_switching_the_objective_replaces_it_and_keeps_other_keys():
         profile_params(REPO, profile)
 
 
+@pytest.mark.parametrize("profile, record", [("envs/results.yaml", "results"),
+                                             *[(f"envs/compare/{n}.yaml", f"results/compare/{n}")
+                                               for n in ("dpo", "grpo", "rs_sft")]])
+def test_a_committed_profile_still_gives_its_record_params(profile, record):
+    """Every params value a recorded run's stages read (its locks) is what the profile gives over
+    today's params.yaml: changing the small default does not silently change a recorded run."""
+    import yaml
+    from conftest import REPO
+
+    from rlhf_pipeline.repro_check import profile_params
+
+    def plain(value):  # DVC's lock keeps PyYAML's '1e-08' strings; the profile's floats are the same number
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        try:
+            return float(value) if isinstance(value, str) else value
+        except ValueError:
+            return value
+
+    params = profile_params(REPO, REPO / profile)
+    locks = [lock for lock in (REPO / record / "dvc.lock", REPO / record / "classic/dvc.lock",
+                               REPO / record / "online/dvc.lock") if lock.exists()]
+    checked = 0
+    for lock in locks:
+        for name, stage in yaml.safe_load(lock.read_text())["stages"].items():
+            for key, value in stage.get("params", {}).get("params.yaml", {}).items():
+                node = params
+                for part in key.split("."):
+                    node = node[part]
+                assert plain(node) == plain(value), f"{record}: {name} read {key}={value!r}; {profile} gives {node!r}"
+                checked += 1
+    assert locks and checked > 20
+
+
 def test_the_record_holds_the_metrics_of_the_stages_that_ran_only(tmp_path):
     import yaml
 
