@@ -1,6 +1,6 @@
 """online_report: the MLflow record comparing the online algorithms (``online/dvc.yaml``): a parent run
-(params, the offline iterated REBEL's evaluation ``offline_rebel.evaluate.*`` from ``--offline``,
-the default pipeline's ``metrics/eval.json``, a plot of reward and KL against the rollout episodes,
+(params, the offline iterations' evaluation ``offline.evaluate.*`` from ``--offline``, the default
+pipeline's ``metrics/eval.json`` whatever its objective, a plot of reward and KL against the rollout episodes,
 ``params.yaml`` and ``online/dvc.lock`` with md5 tags) and one child run per algorithm (its training
 and evaluation metrics ``train.*``, ``evaluate.val.*``, ``evaluate.test.*`` and its per-update
 curves: reward, KL, entropy, losses … at step = update), so the UI compares the algorithms.
@@ -32,7 +32,7 @@ def main(argv=None) -> None:
                 for key in keys]
     lock = Path(args.lock)
     record = PipelineRecord(params=raw,
-                            parent=RunRecord("", metrics=read_metrics_files({"offline_rebel.evaluate": Path(args.offline)})),
+                            parent=RunRecord("", metrics=read_metrics_files({"offline.evaluate": Path(args.offline)})),
                             children=children, artifacts=[Path(PARAMS_FILE), lock], plots=online_figures(train_logs))
     log_pipeline_run(record, project_root(), lock)
 

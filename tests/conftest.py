@@ -15,7 +15,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
     # One thread per worker and per stage subprocess: OpenMP threads of processes sharing the
-    # cores wait on each other's descheduled threads (README, "Measured": 7x on two cores).
+    # cores wait on each other's descheduled threads (docs/measurements-2026.md, "A busy machine": 7x on two cores).
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]

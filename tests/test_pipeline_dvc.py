@@ -523,7 +523,7 @@ def test_online_variant_trains_evaluates_and_reports_each_algorithm(tiny_project
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("rlhf-pipeline").experiment_id],
                               "params.`online.rollout_steps` = '2'", order_by=["attributes.start_time DESC"])
-    run = next(r for r in runs if "offline_rebel.evaluate.test.reward.diff" in r.data.metrics)  # the parent
+    run = next(r for r in runs if "offline.evaluate.test.reward.diff" in r.data.metrics)  # the parent
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == run.info.run_id}
     assert sorted(children) == list(keys)
     assert children["ppo"].data.metrics["evaluate.test.reward.diff"] == pytest.approx(

@@ -1,4 +1,4 @@
-"""The reproducibility guarantees of README's "Reproducibility" section, each a test on the tiny
+"""The reproducibility guarantees of docs/reproducibility.md, each a test on the tiny
 config (stale-only reruns of params changes are in tests/test_pipeline_dvc.py; exact dvc.yaml
 dependencies in tests/test_dvc_deps.py).
 
