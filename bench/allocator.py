@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from rlhf_pipeline import is_malloc_setting
+from rlhf_pipeline.process import is_malloc_setting
 
 ROOT = Path(__file__).resolve().parent.parent
 

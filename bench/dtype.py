@@ -22,7 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import rlhf_pipeline  # noqa: F401  (first: sets the OpenMP wait policy before torch loads OpenMP)
+from rlhf_pipeline.process import configure_process
+
+configure_process()  # as a stage's process is: before torch loads OpenMP
+
 import torch
 
 from rlhf_pipeline.chat import prompt_token_ids

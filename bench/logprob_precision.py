@@ -18,7 +18,10 @@ import argparse
 import time
 
 import pyarrow.parquet as pq
-import rlhf_pipeline  # noqa: F401  (first: sets the OpenMP wait policy before torch loads OpenMP)
+from rlhf_pipeline.process import configure_process
+
+configure_process()  # as a stage's process is: before torch loads OpenMP
+
 import torch
 
 from rlhf_pipeline.logprobs import pair_logprobs

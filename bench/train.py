@@ -23,7 +23,10 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import rlhf_pipeline  # noqa: F401  (first: sets the OpenMP wait policy before torch loads OpenMP)
+from rlhf_pipeline.process import configure_process
+
+configure_process()  # as a stage's process is: before torch loads OpenMP
+
 import torch
 
 from rlhf_pipeline.chat import chat_messages

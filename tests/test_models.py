@@ -6,12 +6,13 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlhf_pipeline import is_malloc_setting
 from rlhf_pipeline.errors import PipelineError
 from rlhf_pipeline.models import (CPU_GQA_ATTENTION, _drop_quantization, load_policy, load_tokenizer,
                                   model_context, prepare_base_model, resolve_dtype, resolve_model_source)
+from rlhf_pipeline.process import is_malloc_setting
 
 
 def test_alias_resolves_to_the_wheel_gguf_without_importing_it():
@@ -121,17 +122,25 @@ def _fresh_interpreter(code: str, drop, **env: str) -> str:
     with the variables for which ``drop(name)`` is true removed from this environment and ``env`` added."""
     clean = {k: v for k, v in os.environ.items() if not drop(k)}
     return subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True,
-                          check=True).stdout
+                          check=True, cwd=REPO).stdout
 
 
 def _openmp_env_after_import(**env: str) -> dict:
-    """OMP_WAIT_POLICY and GOMP_SPINCOUNT as a fresh interpreter sees them after importing the package."""
-    code = ("import json, os, rlhf_pipeline; "
+    """OMP_WAIT_POLICY and GOMP_SPINCOUNT as a fresh interpreter sees them after importing the stages'
+    entry package (as ``python -m stages.<stage>`` does)."""
+    code = ("import json, os, stages; "
             "print(json.dumps({k: os.environ.get(k) for k in ('OMP_WAIT_POLICY', 'GOMP_SPINCOUNT')}))")
     return json.loads(_fresh_interpreter(code, lambda k: k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"), **env))
 
 
-def test_import_sets_a_short_openmp_spin_unless_the_user_chose():
+def test_importing_the_library_changes_nothing_in_the_process():
+    code = ("import json, os, rlhf_pipeline.training, rlhf_pipeline.sampler; "
+            "print(json.dumps({k: os.environ.get(k) for k in ('OMP_WAIT_POLICY', 'GOMP_SPINCOUNT')}))")
+    assert json.loads(_fresh_interpreter(code, lambda k: k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"))) == {
+        "OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": None}
+
+
+def test_a_stage_process_sets_a_short_openmp_spin_unless_the_user_chose():
     assert _openmp_env_after_import() == {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": "2000"}
     assert _openmp_env_after_import(GOMP_SPINCOUNT="300000") == {"OMP_WAIT_POLICY": None,
                                                                  "GOMP_SPINCOUNT": "300000"}
@@ -142,10 +151,10 @@ def test_import_sets_a_short_openmp_spin_unless_the_user_chose():
 
 def _faults_reallocating_256_mb(**env: str) -> tuple[int, int]:
     """Minor page faults of a 256 MB tensor made after a 512 MB one was freed, in a fresh interpreter
-    that imported the package; and the pages the tensor spans. (Smaller than the freed block: an
+    that imported the stages' entry package; and the pages the tensor spans. (Smaller than the freed block: an
     aligned allocation asks glibc for a little more than its size, so a hole of exactly its size
     may be passed over.)"""
-    code = ("import resource, rlhf_pipeline, torch\n"
+    code = ("import resource, stages, torch\n"
             "a = torch.ones(2**27); del a\n"
             "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
             "b = torch.ones(2**26)\n"
@@ -155,7 +164,7 @@ def _faults_reallocating_256_mb(**env: str) -> tuple[int, int]:
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the malloc setting is glibc's")
-def test_import_makes_malloc_reuse_freed_memory_unless_the_user_set_malloc():
+def test_a_stage_process_makes_malloc_reuse_freed_memory_unless_the_user_set_malloc():
     reused, pages = _faults_reallocating_256_mb()
     # glibc's defaults: blocks this large are fresh mmaps, every page faulted in again (zeroed).
     fresh, _ = _faults_reallocating_256_mb(GLIBC_TUNABLES="glibc.malloc.perturb=0")
