@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # Stage commands run `python`; put the project's environment first on PATH.
 RUN    := PATH="$(BIN):$$PATH" HF_HUB_DISABLE_TELEMETRY=1
 
-.PHONY: venv repro repro-classic repro-online compare results test check-repro check-repro-ci bench clean-venv
+.PHONY: venv repro repro-classic repro-online compare results test dvc-yaml check-repro check-repro-ci bench clean-venv
 
 venv: $(STAMP)
 
@@ -45,6 +45,11 @@ compare: venv
 # (params, dvc.lock, metrics, wall time per stage): docs/results.md.
 results: venv
 	$(RUN) python -m rlhf_pipeline.results --profile envs/results.yaml --out results
+
+# dvc.yaml, classic/dvc.yaml and online/dvc.yaml are generated from stages/dag.py (code deps from the
+# import graph): regenerate after editing a declaration or a stage's imports (make test checks them).
+dvc-yaml: venv
+	$(RUN) python -m stages.dag
 
 test: venv
 	$(RUN) HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python -m pytest -q -n auto --dist loadfile --durations=15

@@ -12,7 +12,6 @@ read (see ``test_params_read_match_dvc_yaml`` in tests/test_pipeline_dvc.py).
 
 from __future__ import annotations
 
-import ast
 import os
 import re
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-PACKAGES = ("rlhf_pipeline", "stages")
+from stages.dag import code_deps, pipelines, render
 #: Where a stage's command line names project data (``dvc.lock`` is DVC's own file, not a dep); the
 #: classic variant (classic/dvc.yaml) writes under classic/, the online one (online/dvc.yaml) under online/.
 DATA = ("data/", "models", "metrics", "classic/", "online/")
@@ -54,56 +53,13 @@ def resolved_stages(project: Path = REPO) -> dict[str, dict]:
 STAGES = resolved_stages()
 
 
-def module_file(name: str) -> Path | None:
-    """The project file of a dotted module name, or None for a third-party module."""
-    if name.split(".")[0] not in PACKAGES:
-        return None
-    path = REPO / Path(*name.split("."))
-    if (path / "__init__.py").is_file():
-        return path / "__init__.py"
-    if path.with_suffix(".py").is_file():
-        return path.with_suffix(".py")
-    raise AssertionError(f"import of {name}: no such project module")
-
-
-def imported_modules(path: Path) -> set[str]:
-    """Dotted names a module imports anywhere in its body (``from a import b`` yields ``a`` and,
-    when it is a module, ``a.b``)."""
-    tree = ast.parse(path.read_text(), str(path))
-    package = ".".join(path.relative_to(REPO).with_suffix("").parts[:-1])
-    out = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            out.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join([*parent, base] if base else parent)
-            out.add(base)
-            out.update(f"{base}.{a.name}" for a in node.names)
-    return out
-
-
-def code_deps(stage_module: str) -> set[str]:
-    """Project files executed when the stage module runs, relative to the repository."""
-    seen: set[Path] = set()
-    todo = [stage_module]
-    while todo:
-        name = todo.pop()
-        try:
-            path = module_file(name)
-        except AssertionError:
-            if name.rsplit(".", 1)[0] and module_file(name.rsplit(".", 1)[0]):
-                continue  # `from package.module import function`: the function is not a module
-            raise
-        if path is None or path in seen:
-            continue
-        seen.add(path)
-        parts = name.split(".")
-        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # parent packages' __init__
-        todo += sorted(imported_modules(path))
-    return {str(p.relative_to(REPO)) for p in seen}
+@pytest.mark.parametrize("pipeline", pipelines(), ids=lambda p: p.path)
+def test_the_committed_dvc_yaml_is_the_generated_one(pipeline):
+    """dvc.yaml, classic/dvc.yaml and online/dvc.yaml are written by `python -m stages.dag` (make
+    dvc-yaml) from stages/dag.py; an edit by hand, or a new import that changes a stage's code deps,
+    fails here until they are regenerated."""
+    committed = (REPO / pipeline.path).read_text(encoding="utf-8")
+    assert committed == render(pipeline), f"{pipeline.path} is not the generated file: run `make dvc-yaml`"
 
 
 def stage_module(stage: str) -> str:
