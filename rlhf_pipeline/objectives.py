@@ -6,8 +6,7 @@ the loss formulas themselves are the pure functions of ``rlhf_pipeline.losses``.
 has its own params model (``params.RebelObjective`` …, picked by ``train.objective.name``) and is
 registered in :data:`OBJECTIVES` under that name. :class:`PairwiseTask` feeds them: it holds the
 chosen/rejected pairs and their reference log-probs and computes the policy's log-probs of a
-micro-batch. An objective on other data brings its own task with the same members (``name``,
-``lengths``, ``limit_keys``, ``metric_names``, ``tokens``, ``forward``; optionally ``load_model``) and
+micro-batch. An objective on other data brings its own task (a ``training.TrainingTask``) and
 reuses the loop: :class:`SftTask`, :class:`RewardModelTask`.
 """
 
@@ -24,6 +23,7 @@ from rlhf_pipeline.intervals import bootstrap_mean_ci
 from rlhf_pipeline.logprobs import length_grouped_batches, sequence_logprobs
 from rlhf_pipeline.losses import bradley_terry_loss, dpo_loss, ipo_loss, rebel_loss, sft_loss, simpo_loss
 from rlhf_pipeline.params import DpoObjective, IpoObjective, RebelObjective, SimpoObjective
+from rlhf_pipeline.training import TrainingTask
 
 
 class PairBatch(NamedTuple):
@@ -147,7 +147,7 @@ def check_reference(pairs: pa.Table, ref: pa.Table, where: str) -> None:
                             f"difference at row {first}); rerun the ref_logprobs stage")
 
 
-class PairwiseTask:
+class PairwiseTask(TrainingTask):
     """Chosen/rejected pairs (token ids as sampled) and their reference log-probs, for a
     :class:`PairObjective`.
 
@@ -223,7 +223,7 @@ def _check_examples(first: list[list[int]], second: list[list[int]], names: tupl
             raise PipelineError(f"{where}: row {i} has an empty {names[0] if not a else names[1]}")
 
 
-class SftTask:
+class SftTask(TrainingTask):
     """Demonstrations (prompt and response token ids) for supervised fine-tuning: the loss is
     :func:`rlhf_pipeline.losses.sft_loss`, the negative log-likelihood per response token; prompt
     tokens are context only.
@@ -296,7 +296,7 @@ def load_reward_model_for_training(model_dir, dtype: torch.dtype, device: torch.
     return model.to(device)
 
 
-class RewardModelTask:
+class RewardModelTask(TrainingTask):
     """Preference pairs for a Bradley–Terry reward model (:func:`rlhf_pipeline.losses.bradley_terry_loss`):
     each side is the whole conversation's token ids; the model's one logit is the reward.
 

@@ -45,6 +45,7 @@ from rlhf_pipeline.policy_gradient import (clipped_surrogate_loss, clipped_value
                                           sequence_clipped_loss)
 from rlhf_pipeline.rollouts import Rollouts, collect_rollouts, rollouts_from_table
 from rlhf_pipeline.schemas import ROLLOUTS
+from rlhf_pipeline.training import TrainingTask
 
 
 class PolicyAndValue(torch.nn.Module):
@@ -304,7 +305,7 @@ def step_prompt_order(num_prompts: int, steps: int, per_step: int, seed: int) ->
     return order
 
 
-class OnlineTask:
+class OnlineTask(TrainingTask):
     """Rollout steps on ``prompts`` for an :class:`OnlineObjective`, as a task of the one loop.
 
     Args:
@@ -368,8 +369,7 @@ class OnlineTask:
             return policy
         return PolicyAndValue(policy, load_value_model(model_dir, dtype, device))
 
-    @staticmethod
-    def policy_of(module):
+    def policy_of(self, module):
         """The policy inside what :meth:`load_model` returned (what is sampled and saved)."""
         return module.policy if isinstance(module, PolicyAndValue) else module
 

@@ -578,7 +578,7 @@ class BenchmarkParams(_Section):
     instruction-level accuracy, strict and loose, with paired bootstrap intervals over prompts.
     The full set is read once per pipeline execution, at the end: tune on the validation split."""
 
-    num_prompts: Int | None = Field(32, ge=1, description="null: all 541 prompts, the benchmark as reported "
+    num_prompts: Int | None = Field(16, ge=1, description="null: all 541 prompts, the benchmark as reported "
                                     "(envs/results.yaml); a number: a seeded subset, for the small default and "
                                     "tests (never a reported figure)")
     max_new_tokens: Int = Field(1280, gt=0, description="tokens; lm-evaluation-harness's IFEval limit, room for the "

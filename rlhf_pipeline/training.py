@@ -36,7 +36,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -47,6 +47,70 @@ from rlhf_pipeline.params import OptimizerParams
 
 log = logging.getLogger(__name__)
 
+
+
+class TrainingTask(Protocol):
+    """What :func:`train_policy` needs of a task: the contract of the one loop, with defaults.
+
+    A task subclasses this (``objectives.PairwiseTask``, ``SftTask``, ``RewardModelTask``,
+    ``online.OnlineTask``) and sets or overrides what differs from the defaults; the loop calls every
+    member, never ``getattr``/``hasattr``.
+
+    Attributes:
+        name: the objective's name in logs and the summary (``dpo``, ``sft`` …).
+        params_section: the params section its settings come from (``train``, ``sft`` …), for errors.
+        limit_keys: the params keys that bound its sequence lengths, for the context-length error.
+        lengths: (examples,) tokens of each example's longest sequence: length grouping and the
+            context check.
+        metric_names: its figures, in the order :meth:`forward` returns them.
+        peft_task_type: peft's task type with LoRA (``SEQ_CLS`` keeps a new score head trainable).
+    """
+
+    name: str
+    params_section: str
+    limit_keys: str
+    lengths: list[int]
+    metric_names: tuple[str, ...]
+    peft_task_type: str = "CAUSAL_LM"
+
+    def loss_units(self, idx: list[int]) -> int:
+        """Units the loss of examples ``idx`` is a mean over (tokens, sequences or pairs): the
+        minibatch weighting of :func:`backward_minibatch`."""
+        ...
+
+    def tokens(self, idx: list[int]) -> int:
+        """Tokens one forward pass over examples ``idx`` processes (for tokens/s)."""
+        ...
+
+    def forward(self, model, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scalar loss with grad, (len(metric_names),) figures without grad) on examples ``idx``."""
+        ...
+
+    def load_model(self, model_dir, dtype: torch.dtype, device: torch.device, quantization_config=None):
+        """The module to train; default: the causal LM policy in ``model_dir``."""
+        from rlhf_pipeline.models import load_policy
+
+        return load_policy(model_dir, dtype, device, quantization_config=quantization_config)
+
+    def before_update(self, model, episodes: int) -> None:
+        """Called before each update with the module being trained (unwrapped) and the episodes
+        seen so far (online RL collects a rollout step here); default: nothing."""
+
+    def state_dict(self) -> dict | None:
+        """JSON-able state the checkpoint keeps beside the model's (online RL: its rollouts);
+        default: none."""
+        return None
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s state on a resume; default: nothing to restore."""
+
+    def policy_of(self, module):
+        """The policy inside the trained module (what is evaluated and saved); default: the module."""
+        return module
+
+    def policy_weights(self, state_dict: dict) -> dict:
+        """The policy's tensors of the trained module's state dict; default: all of them."""
+        return state_dict
 
 
 def train_log_columns(task) -> tuple[str, ...]:
@@ -248,24 +312,15 @@ def _check_finite_weights(update: int, parameters: list[torch.nn.Parameter]) -> 
                         "model with them is written (lower the learning rate, or check the rewards and log-probs)")
 
 
-def train_policy(model_dir: str | os.PathLike, task, cfg: OptimizerParams, seed: int,
+def train_policy(model_dir: str | os.PathLike, task: TrainingTask, cfg: OptimizerParams, seed: int,
                  out_dir: str | os.PathLike, checkpoint_dir: str | os.PathLike, fingerprint: str,
                  progress: bool = True, on_update: Callable[[dict], None] | None = None,
                  where: str = "the training data",
                  evaluate: Callable[[torch.nn.Module], dict] | None = None) -> tuple[list[dict], dict]:
     """Train the policy from ``model_dir`` on ``task`` and save it to ``out_dir``.
 
-    ``task`` has ``name`` (the objective's), ``lengths`` (tokens per example), ``limit_keys`` (the
-    params keys that bound them, for the context error), ``metric_names``,
-    ``tokens(idx)``, ``forward(model, idx) -> (loss, figures)`` and ``loss_units(idx)`` (what that
-    loss is a mean over: :func:`backward_minibatch`), and may have
-    ``load_model(model_dir, dtype, device)`` (default: the causal LM) (see
-    ``rlhf_pipeline.objectives.PairwiseTask``, ``SftTask`` and ``RewardModelTask``). ``cfg``: ``params.TrainParams`` or any
-    ``params.OptimizerParams``. An online task (``rlhf_pipeline.online.OnlineTask``) also has
-    ``before_update(model, episodes)``, called with the unwrapped module before each update (it
-    collects a rollout step and may change ``lengths``), ``state_dict()``/``load_state_dict()``
-    (JSON, kept in the checkpoint), and ``policy_of(module)``/``policy_weights(state_dict)`` (what is
-    saved of a module that holds more than the policy).
+    ``task``: a :class:`TrainingTask` (its members and their defaults are the loop's contract).
+    ``cfg``: ``params.TrainParams`` or any ``params.OptimizerParams``.
     Resumes from ``checkpoint_dir`` when it holds a checkpoint with the same ``fingerprint``
     (same inputs and settings), and ends with the weights an uninterrupted run would have.
     ``on_update`` receives each update's log row on the main process (live MLflow metrics).
@@ -287,7 +342,7 @@ def train_policy(model_dir: str | os.PathLike, task, cfg: OptimizerParams, seed:
     from transformers import get_cosine_schedule_with_warmup
 
     from rlhf_pipeline import lora
-    from rlhf_pipeline.models import default_device, load_policy, load_tokenizer, resolve_dtype
+    from rlhf_pipeline.models import default_device, load_tokenizer, resolve_dtype
     from rlhf_pipeline.outputs import atomic_dir
 
     lora.check_quantization(cfg.lora, task.params_section)
@@ -319,12 +374,11 @@ def train_policy(model_dir: str | os.PathLike, task, cfg: OptimizerParams, seed:
 
     set_seed(seed)
     tok = load_tokenizer(model_dir)
-    load = getattr(task, "load_model", load_policy)
     quantization = lora.quantization_config(cfg.lora)
     if quantization is None:
-        model = load(model_dir, torch.float32, accelerator.device)
+        model = task.load_model(model_dir, torch.float32, accelerator.device)
     else:  # QLoRA: 4-bit base, bf16 compute
-        model = load(model_dir, torch.bfloat16, accelerator.device, quantization_config=quantization)
+        model = task.load_model(model_dir, torch.bfloat16, accelerator.device, quantization_config=quantization)
     check_context_length(task.lengths, getattr(model.config, "max_position_embeddings", None), where, task.limit_keys)
     model.train()
     for module in model.modules():  # dropout off: log-probs must be those of the policy itself
@@ -333,7 +387,7 @@ def train_policy(model_dir: str | os.PathLike, task, cfg: OptimizerParams, seed:
         if hasattr(module, "attention_dropout"):
             module.attention_dropout = 0.0
     if cfg.lora is not None:  # after the loop above: the LoRA dropout is the user's choice, kept
-        model = lora.apply_lora(model, cfg.lora, getattr(task, "peft_task_type", "CAUSAL_LM"),
+        model = lora.apply_lora(model, cfg.lora, task.peft_task_type,
                                 cfg.gradient_checkpointing, task.params_section)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -358,7 +412,7 @@ def train_policy(model_dir: str | os.PathLike, task, cfg: OptimizerParams, seed:
         state = _load_checkpoint(accelerator, latest)
         scheduler.load_state_dict(state["scheduler"])
         done, rows = state["update"], state["rows"]
-        if hasattr(task, "load_state_dict"):
+        if "task" in state:
             task.load_state_dict(state["task"])
         log.info("resumed from update %d of %d", done, num_updates)
     resumed_from = done
@@ -366,12 +420,10 @@ def train_policy(model_dir: str | os.PathLike, task, cfg: OptimizerParams, seed:
     if accelerator.is_main_process:
         log.info("%s: %d updates of %d examples (%.3g epochs of %d examples)", task.name, num_updates, batch,
                  num_updates * batch / num_examples, num_examples)
-    before_update = getattr(task, "before_update", None)
     t_start = time.perf_counter()
     for u in range(done, num_updates):
         t0 = time.perf_counter()
-        if before_update is not None:  # online RL: a new rollout step when the last one is used up
-            before_update(accelerator.unwrap_model(model), u * batch)
+        task.before_update(accelerator.unwrap_model(model), u * batch)  # online RL: a new rollout step
         mine = episode_slice(num_examples, seed, u * batch, (u + 1) * batch)[rank::world]
         # per_device_train_batch_size x gradient_accumulation_steps pairs: exactly that many
         # micro-batches, so accelerate's step count reaches its sync point at the last one.
@@ -397,18 +449,19 @@ def train_policy(model_dir: str | os.PathLike, task, cfg: OptimizerParams, seed:
                      row["grad_norm"], " ".join(f"{k} {row[k]:.3f}" for k in task.metric_names),
                      row["tokens_per_second"], datetime.timedelta(seconds=round(eta)))
         if (u + 1) % cfg.save_every == 0 and u + 1 < num_updates:
+            task_state = task.state_dict()
             _save_checkpoint(accelerator, incoming, latest, fingerprint,
                              {"update": u + 1, "rows": rows, "scheduler": scheduler.state_dict(),
-                              **({"task": task.state_dict()} if hasattr(task, "state_dict") else {})})
+                              **({"task": task_state} if task_state is not None else {})})
 
     accelerator.wait_for_everyone()
     # every process: ZeRO-3 gathers the shards here (LoRA saves through peft instead)
     weights = accelerator.get_state_dict(model) if cfg.lora is None else None
-    if weights is not None and hasattr(task, "policy_weights"):  # PPO: the policy's, not its critic's
+    if weights is not None:  # PPO: the policy's, not its critic's
         weights = task.policy_weights(weights)
     figures = {}
     if accelerator.is_main_process:
-        policy = getattr(task, "policy_of", lambda m: m)(accelerator.unwrap_model(model))
+        policy = task.policy_of(accelerator.unwrap_model(model))
         if evaluate is not None:
             figures = evaluate(policy.eval())
         if cfg.gradient_checkpointing:
@@ -430,3 +483,37 @@ def train_policy(model_dir: str | os.PathLike, task, cfg: OptimizerParams, seed:
                "tokens_per_second": round(sum(r["tokens_per_second"] * r["seconds"] for r in rows[resumed_from:])
                                           / max(1e-9, sum(r["seconds"] for r in rows[resumed_from:])), 1)}
     return rows, summary
+
+
+def train_and_write(model_dir: str | os.PathLike, task: TrainingTask, cfg: OptimizerParams, seed: int,
+                    out_dir: str | os.PathLike, fingerprint: str, *, log_path: str | os.PathLike,
+                    metrics_path: str | os.PathLike, metrics: Callable[[dict], dict], live_params: dict,
+                    live_name: str, where: str, evaluate: Callable[[torch.nn.Module], dict] | None = None,
+                    write_more: Callable[[], None] | None = None) -> None:
+    """The tail every training stage shares: :func:`train_policy` into ``out_dir`` (checkpoints in
+    ``<out_dir's folder>/.checkpoints/<out_dir's name>``), then, on the main process, ``write_more()``
+    (online RL's rollouts), the per-update log (TSV) and ``metrics(summary)`` with the peak RSS (MB) as
+    JSON, all in one output group: they appear together or not at all.
+
+    ``live_params``/``live_name``: the MLflow run streamed while training when ``cfg.mlflow_live``,
+    opened first, so an unreachable tracking server fails before the work.
+
+    Raises:
+        PipelineError: see :func:`train_policy` and ``tracking.live_run``.
+    """
+    from rlhf_pipeline.cli import peak_rss_mb
+    from rlhf_pipeline.outputs import output_group, write_json, write_tsv
+    from rlhf_pipeline.tracking import live_run
+
+    out = Path(out_dir)
+    main_process = is_main_process()
+    with live_run(cfg.mlflow_live and main_process, live_params, live_name) as live:
+        with output_group():
+            rows, summary = train_policy(model_dir, task, cfg, seed, out, out.parent / ".checkpoints" / out.name,
+                                         fingerprint, on_update=live.log_update if live else None, where=where,
+                                         evaluate=evaluate)
+            if main_process:
+                if write_more is not None:
+                    write_more()
+                write_tsv(rows, train_log_columns(task), log_path)
+                write_json({**metrics(summary), "peak_rss_mb": peak_rss_mb()}, metrics_path)

@@ -16,16 +16,15 @@ import hashlib
 import json
 from pathlib import Path
 
-from rlhf_pipeline.cli import peak_rss_mb, run_stage, stage_args
+from rlhf_pipeline.cli import run_stage, stage_args
 from rlhf_pipeline.errors import PipelineError
 from rlhf_pipeline.models import default_device, load_policy, load_tokenizer, resolve_dtype
 from rlhf_pipeline.online import ONLINE_OBJECTIVES, OnlineTask
-from rlhf_pipeline.outputs import output_group, read_parquet, write_json, write_parquet, write_tsv
+from rlhf_pipeline.outputs import read_parquet, write_parquet
 from rlhf_pipeline.params import OnlineParams, load_params
 from rlhf_pipeline.rewards import Scorers
 from rlhf_pipeline.schemas import PROMPTS, columns
-from rlhf_pipeline.tracking import live_run
-from rlhf_pipeline.training import inputs_fingerprint, is_main_process, train_log_columns, train_policy, use_cpu
+from rlhf_pipeline.training import inputs_fingerprint, is_main_process, train_and_write, use_cpu
 
 
 def main(argv=None) -> None:
@@ -67,20 +66,13 @@ def main(argv=None) -> None:
     fingerprint = inputs_fingerprint([Path(args.policy) / "model.safetensors", Path(args.reference) / "model.safetensors",
                                       Path(args.prompts)], train_cfg, params.seed, cfg.temperature,
                                      data=hashlib.sha256(reward).digest())
-    out = Path(args.out)
-    main_process = is_main_process()
-    with live_run(cfg.mlflow_live and main_process,
-                  {"seed": params.seed, "online": train_cfg.model_dump(), "algorithm": args.algorithm},
-                  f"online_train@{args.algorithm}") as live:
-        with output_group():  # the policy, its rollouts, log and metrics appear together
-            rows, summary = train_policy(args.policy, task, train_cfg, params.seed, out,
-                                         out.parent / ".checkpoints" / out.name, fingerprint,
-                                         on_update=live.log_update if live else None, where=args.prompts)
-            if main_process:
-                write_parquet(task.rollouts_table(), args.rollouts)
-                write_tsv(rows, train_log_columns(task), args.log)
-                write_json({"algorithm": args.algorithm, **algorithm.model_dump(), **summary, **task.summary(),
-                            "peak_rss_mb": peak_rss_mb()}, args.metrics)
+    train_and_write(args.policy, task, train_cfg, params.seed, args.out, fingerprint, log_path=args.log,
+                    metrics_path=args.metrics,
+                    metrics=lambda summary: {"algorithm": args.algorithm, **algorithm.model_dump(), **summary,
+                                             **task.summary()},
+                    live_params={"seed": params.seed, "online": train_cfg.model_dump(), "algorithm": args.algorithm},
+                    live_name=f"online_train@{args.algorithm}", where=args.prompts,
+                    write_more=lambda: write_parquet(task.rollouts_table(), args.rollouts))
 
 
 if __name__ == "__main__":

@@ -17,16 +17,15 @@ from pathlib import Path
 
 import torch
 
-from rlhf_pipeline.cli import peak_rss_mb, run_stage, stage_args
+from rlhf_pipeline.cli import run_stage, stage_args
 from rlhf_pipeline.lora import check_quantization
 from rlhf_pipeline.models import default_device, load_tokenizer
 from rlhf_pipeline.objectives import RewardModelTask, load_reward_model_for_training
-from rlhf_pipeline.outputs import output_group, read_parquet, write_json, write_tsv
+from rlhf_pipeline.outputs import read_parquet
 from rlhf_pipeline.params import load_params
 from rlhf_pipeline.preferences import from_generations, load_source, split_preferences
 from rlhf_pipeline.schemas import GENERATIONS, PROMPTS, SCORES, columns
-from rlhf_pipeline.tracking import live_run
-from rlhf_pipeline.training import inputs_fingerprint, is_main_process, train_log_columns, train_policy
+from rlhf_pipeline.training import inputs_fingerprint, is_main_process, train_and_write
 
 
 def main(argv=None) -> None:
@@ -63,17 +62,10 @@ def main(argv=None) -> None:
         before = heldout(load_reward_model_for_training(args.policy, torch.float32, default_device(),
                                                         tok.pad_token_id).eval())
         gc.collect()
-    with live_run(cfg.mlflow_live and main_process, {"seed": params.seed, "reward_model": cfg.model_dump()},
-                  "reward_model") as live:
-        with output_group():  # the model, its log and its metrics appear together
-            rows, summary = train_policy(
-                args.policy, train, cfg, params.seed, out, out.parent / ".checkpoints" / out.name, fingerprint,
-                on_update=live.log_update if live else None, where=where,
-                evaluate=lambda model: {"val_after": heldout(model)})
-            if main_process:
-                write_tsv(rows, train_log_columns(train), args.log)
-                write_json({**split.counts, **facts, **summary, "val_before": before, "peak_rss_mb": peak_rss_mb()},
-                           args.metrics)
+    train_and_write(args.policy, train, cfg, params.seed, out, fingerprint, log_path=args.log, metrics_path=args.metrics,
+                    metrics=lambda summary: {**split.counts, **facts, **summary, "val_before": before},
+                    live_params={"seed": params.seed, "reward_model": cfg.model_dump()}, live_name="reward_model",
+                    where=where, evaluate=lambda model: {"val_after": heldout(model)})
 
 
 if __name__ == "__main__":

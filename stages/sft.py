@@ -13,17 +13,16 @@ from pathlib import Path
 
 import torch
 
-from rlhf_pipeline.cli import peak_rss_mb, run_stage, stage_args
+from rlhf_pipeline.cli import run_stage, stage_args
 from rlhf_pipeline.demonstrations import load_source, rejection_sampling, split_demonstrations
 from rlhf_pipeline.lora import check_quantization
 from rlhf_pipeline.models import default_device, load_policy, load_tokenizer
 from rlhf_pipeline.objectives import SftTask
-from rlhf_pipeline.outputs import output_group, read_parquet, write_json, write_tsv
+from rlhf_pipeline.outputs import read_parquet
 from rlhf_pipeline.pairs import join_scores
 from rlhf_pipeline.params import load_params
 from rlhf_pipeline.schemas import GENERATIONS, PROMPTS, SCORES, columns
-from rlhf_pipeline.tracking import live_run
-from rlhf_pipeline.training import inputs_fingerprint, is_main_process, train_log_columns, train_policy
+from rlhf_pipeline.training import inputs_fingerprint, is_main_process, train_and_write
 
 
 def heldout_loss(model_dir: str, task: SftTask, batch_size: int) -> float:
@@ -63,16 +62,10 @@ def main(argv=None) -> None:
     main_process = is_main_process()
     batch = cfg.per_device_eval_batch_size
     before = heldout_loss(args.policy, val, batch) if main_process else None
-    with live_run(cfg.mlflow_live and main_process, {"seed": params.seed, "sft": cfg.model_dump()}, "sft") as live:
-        with output_group():  # the policy, its log and its metrics appear together
-            rows, summary = train_policy(
-                args.policy, train, cfg, params.seed, out, out.parent / ".checkpoints" / out.name, fingerprint,
-                on_update=live.log_update if live else None, where=where,
-                evaluate=lambda policy: {"val_loss_after": round(val.heldout_loss(policy, batch), 6)})
-            if main_process:
-                write_tsv(rows, train_log_columns(train), args.log)
-                write_json({**split.counts, **facts, **summary, "val_loss_before": round(before, 6),
-                            "peak_rss_mb": peak_rss_mb()}, args.metrics)
+    train_and_write(args.policy, train, cfg, params.seed, out, fingerprint, log_path=args.log, metrics_path=args.metrics,
+                    metrics=lambda summary: {**split.counts, **facts, **summary, "val_loss_before": round(before, 6)},
+                    live_params={"seed": params.seed, "sft": cfg.model_dump()}, live_name="sft", where=where,
+                    evaluate=lambda policy: {"val_loss_after": round(val.heldout_loss(policy, batch), 6)})
 
 
 if __name__ == "__main__":

@@ -9,16 +9,15 @@ is removed when the stage completes.
 
 from pathlib import Path
 
-from rlhf_pipeline.cli import peak_rss_mb, run_stage, stage_args
+from rlhf_pipeline.cli import run_stage, stage_args
 from rlhf_pipeline.iterations import iteration_number, iteration_seed
 from rlhf_pipeline.lora import check_quantization
 from rlhf_pipeline.models import load_tokenizer
 from rlhf_pipeline.objectives import PairwiseTask, make_objective
-from rlhf_pipeline.outputs import output_group, read_parquet, write_json, write_tsv
+from rlhf_pipeline.outputs import read_parquet
 from rlhf_pipeline.params import load_params
 from rlhf_pipeline.schemas import PAIRS, REF_LOGPROBS, columns
-from rlhf_pipeline.tracking import live_run
-from rlhf_pipeline.training import inputs_fingerprint, is_main_process, train_log_columns, train_policy
+from rlhf_pipeline.training import inputs_fingerprint, train_and_write
 
 
 def main(argv=None) -> None:
@@ -32,22 +31,14 @@ def main(argv=None) -> None:
     temperature = params.logprob_temperature()
     task = PairwiseTask(pairs, ref, make_objective(params.train.objective), load_tokenizer(args.policy).pad_token_id,
                         temperature, f"{args.pairs} and {args.ref_logprobs}")
-    out = Path(args.out)
     inputs = [Path(args.pairs), Path(args.ref_logprobs), Path(args.policy) / "model.safetensors"]
     fingerprint = inputs_fingerprint(inputs, params.train, seed, temperature)
-    main_process = is_main_process()
     train_keys = params.train.model_dump(exclude={"logprob_batch_size", "reference", "allow_temperature_mismatch"})
-    # Opened before training: an unreachable tracking server fails here, not after the work.
-    with live_run(params.train.mlflow_live and main_process,
-                  {"seed": params.seed, "iteration": args.iteration, "train": train_keys}, "train") as live:
-        with output_group():  # the policy, its log and its metrics appear together
-            rows, summary = train_policy(args.policy, task, params.train, seed, out,
-                                         out.parent / ".checkpoints" / out.name, fingerprint,
-                                         on_update=live.log_update if live else None, where=args.pairs)
-            if main_process:
-                write_tsv(rows, train_log_columns(task), args.log)
-                write_json({"iteration": args.iteration, **summary, "temperature": temperature,
-                            "peak_rss_mb": peak_rss_mb()}, args.metrics)
+    train_and_write(args.policy, task, params.train, seed, args.out, fingerprint, log_path=args.log,
+                    metrics_path=args.metrics,
+                    metrics=lambda summary: {"iteration": args.iteration, **summary, "temperature": temperature},
+                    live_params={"seed": params.seed, "iteration": args.iteration, "train": train_keys},
+                    live_name="train", where=args.pairs)
 
 
 if __name__ == "__main__":
