@@ -119,18 +119,51 @@ def train_log_columns(task) -> tuple[str, ...]:
             "seconds")
 
 
+def deepspeed_on_cpu() -> bool:
+    """Whether this process was launched for DeepSpeed (``accelerate launch`` with a DeepSpeed config
+    sets ``ACCELERATE_USE_DEEPSPEED``) on a machine without CUDA."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and not torch.cuda.is_available()
+
+
 def use_cpu() -> bool:
-    """Train on the CPU when there is no CUDA device. Every accelerate state of the process must be
-    created with this same flag: a ``PartialState()`` made first without it pins a one-process state
-    under ``accelerate launch`` on CPU."""
-    return not torch.cuda.is_available()
+    """accelerate's ``cpu`` flag: True without a CUDA device, except under DeepSpeed. Every accelerate
+    state of the process must be created with this same flag (:func:`state_options`): a
+    ``PartialState()`` made first without it pins a one-process state under ``accelerate launch``.
+
+    accelerate 1.15 never uses DeepSpeed with ``cpu=True`` (``AcceleratorState`` checks ``not cpu``),
+    and with ``cpu=False`` on a machine without an accelerator it finds no process-group backend and
+    reports one process even though DeepSpeed has joined all of them (``num_processes == 1``):
+    :func:`state_options` names the backend, gloo, for that case."""
+    return not torch.cuda.is_available() and not deepspeed_on_cpu()
+
+
+def state_options() -> dict:
+    """Keyword arguments of every ``PartialState``/``Accelerator`` state of the process: ``cpu``
+    (:func:`use_cpu`) and, for DeepSpeed on CPU, the gloo process group (DeepSpeed's CPU
+    accelerator, ``DS_ACCELERATOR=cpu``, communicates over it)."""
+    return {"cpu": use_cpu(), **({"backend": "gloo"} if deepspeed_on_cpu() else {})}
+
+
+def make_accelerator(**kwargs):
+    """The process's ``accelerate.Accelerator`` with :func:`state_options` (``kwargs``: the rest)."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    options = state_options()
+    handlers = [InitProcessGroupKwargs(backend=options["backend"])] if "backend" in options else []
+    return Accelerator(cpu=options["cpu"], kwargs_handlers=handlers, **kwargs)
+
+
+def process_state():
+    """The process's ``accelerate.PartialState`` (rank, world size), made with :func:`state_options`."""
+    from accelerate import PartialState
+
+    return PartialState(**state_options())
 
 
 def is_main_process() -> bool:
     """Whether this is the process that writes outputs (rank 0 under ``accelerate launch``)."""
-    from accelerate import PartialState
-
-    return PartialState(cpu=use_cpu()).is_main_process
+    return process_state().is_main_process
 
 
 @functools.lru_cache(maxsize=2)
@@ -337,7 +370,6 @@ def train_policy(model_dir: str | os.PathLike, task: TrainingTask, cfg: Optimize
             loss or gradient norm (before that update's optimizer step; nothing saved), or
             non-finite weights after a step (nothing saved).
     """
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import get_cosine_schedule_with_warmup
 
@@ -348,9 +380,8 @@ def train_policy(model_dir: str | os.PathLike, task: TrainingTask, cfg: Optimize
     lora.check_quantization(cfg.lora, task.params_section)
     dtype = resolve_dtype(cfg.dtype, default_device())
     # accelerate keeps one state per process: create the Accelerator once, with its final settings.
-    accelerator = Accelerator(cpu=use_cpu(),
-                              mixed_precision="bf16" if dtype == torch.bfloat16 else "no",
-                              gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+    accelerator = make_accelerator(mixed_precision="bf16" if dtype == torch.bfloat16 else "no",
+                                   gradient_accumulation_steps=cfg.gradient_accumulation_steps)
     if accelerator.state.deepspeed_plugin is not None and cfg.lora is not None:
         raise PipelineError(f"{task.params_section}.lora: LoRA is not wired for DeepSpeed ZeRO-3 here (the merge "
                             "needs the whole model on one process); launch without the DeepSpeed config")
@@ -476,7 +507,10 @@ def train_policy(model_dir: str | os.PathLike, task: TrainingTask, cfg: Optimize
         shutil.rmtree(ckpt, ignore_errors=True)
     seconds = time.perf_counter() - t_start
     summary = {"examples": num_examples, "updates": num_updates, "episodes": num_updates * batch, "batch_size": batch,
-               "world_size": world, "objective": task.name,
+               "world_size": world, "distributed_type": str(accelerator.distributed_type.value),
+               **({"zero_stage": accelerator.state.deepspeed_plugin.zero_stage}
+                  if accelerator.state.deepspeed_plugin is not None else {}),
+               "objective": task.name,
                "trainable_parameters": sum(p.numel() for p in trainable), "final_loss": rows[-1]["loss"], **figures,
                **{f"final_{k}": rows[-1][k] for k in task.metric_names}, "resumed_from_update": resumed_from,
                "seconds": round(seconds, 3), "dtype": str(dtype).removeprefix("torch."),

@@ -24,14 +24,12 @@ from rlhf_pipeline.outputs import read_parquet, write_parquet
 from rlhf_pipeline.params import OnlineParams, load_params
 from rlhf_pipeline.rewards import Scorers
 from rlhf_pipeline.schemas import PROMPTS, columns
-from rlhf_pipeline.training import inputs_fingerprint, is_main_process, train_and_write, use_cpu
+from rlhf_pipeline.training import inputs_fingerprint, is_main_process, process_state, train_and_write
 
 
 def main(argv=None) -> None:
     args = stage_args(argv, __doc__, "algorithm", "policy", "reference", "prompts", "out", "rollouts", "metrics",
                       "log")
-    from accelerate import PartialState
-
     params = load_params()
     cfg = params.online
     if args.algorithm not in cfg.algorithms:
@@ -42,7 +40,7 @@ def main(argv=None) -> None:
     scorers = Scorers(params.reward)
     scorers.validate(prompts, args.prompts)  # before any model is loaded
     objective = ONLINE_OBJECTIVES[algorithm.name](algorithm)
-    world = PartialState(cpu=use_cpu()).num_processes
+    world = process_state().num_processes
     minibatch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
     per_step = objective.examples_per_step(cfg)
     if per_step % minibatch:

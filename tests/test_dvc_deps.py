@@ -241,11 +241,12 @@ def declared_params(stage: str) -> list[str]:
     return list(STAGES[stage]["params"])
 
 
-def all_leaf_keys(section_path: str) -> set[str]:
-    """Every leaf key under a section of the params schema (``generate`` -> ``generate.top_p`` ...)."""
+def all_leaf_keys(section_path: str, params=None) -> set[str]:
+    """Every leaf key under a section of ``params`` (default: the committed params.yaml's), e.g.
+    ``generate`` -> ``generate.top_p`` ...; ``train.objective`` has the keys of the objective chosen."""
     from rlhf_pipeline.params import load_params
 
-    model = load_params(REPO / "params.yaml")
+    model = params if params is not None else load_params(REPO / "params.yaml")
     for part in section_path.split("."):
         model = model[part] if isinstance(model, dict) else getattr(model, part)
     if not hasattr(type(model), "model_fields"):
@@ -253,16 +254,17 @@ def all_leaf_keys(section_path: str) -> set[str]:
     return {f"{section_path}.{f}" for f in type(model).model_fields}
 
 
-def check_params_read(stage: str, read: set[str]) -> None:
-    """The keys ``read`` (at run time) against the stage's ``params:`` in dvc.yaml: every key read is
-    declared, and every declared key is read (or read on a path listed in :data:`OTHER_PATHS`).
+def check_params_read(stage: str, read: set[str], params=None) -> None:
+    """The keys ``read`` (at run time, with ``params``) against the stage's ``params:`` in dvc.yaml:
+    every key read is declared, and every declared key is read (or read on a path listed in
+    :data:`OTHER_PATHS`).
 
     Raises:
         AssertionError: naming the undeclared and the unread keys.
     """
     declared_keys = set()
     for entry in declared_params(stage):
-        declared_keys |= all_leaf_keys(entry)
+        declared_keys |= all_leaf_keys(entry, params)
     read_or_other = read | OTHER_PATHS.get(stage_module(stage).removeprefix("stages."), set())
     undeclared = sorted(k for k in read if k not in declared_keys)
     unread = sorted(declared_keys - read_or_other)

@@ -303,20 +303,22 @@ def test_params_read_match_dvc_yaml(project, tmp_path, monkeypatch):
         if stage in reports:
             continue
         module = importlib.import_module(stage_module(stage))
-        recorder = ParamsRecorder(load_params())
+        params = load_params()
+        recorder = ParamsRecorder(params)
         monkeypatch.setattr(module, "load_params", lambda r=recorder: r)
         module.main(stage_argv(stage))
-        check_params_read(stage, recorder.leaves())
+        check_params_read(stage, recorder.leaves(), params)
     # the tiny project reads IFEval's prompts; the default source reads its own section too
     params = yaml.safe_load((copy / "params.yaml").read_text())
     params["data"]["source"] = "ifeval_constraints"
     (copy / "params.yaml").write_text(yaml.safe_dump(params))
     module = importlib.import_module(stage_module("prepare_prompts"))
-    recorder = ParamsRecorder(load_params())
+    params = load_params()
+    recorder = ParamsRecorder(params)
     monkeypatch.setattr(module, "load_params", lambda r=recorder: r)
     module.main(stage_argv("prepare_prompts"))
     assert any(k.startswith("data.constraints") for k in recorder.leaves())
-    check_params_read("prepare_prompts", recorder.leaves())
+    check_params_read("prepare_prompts", recorder.leaves(), params)
 
 
 def test_second_repro_runs_nothing(project):

@@ -2,6 +2,7 @@
 rejects bad input before training."""
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -202,6 +203,21 @@ def test_two_processes_match_one_process(tmp_path, tiny_model_dir, tiny_policy):
     proc = subprocess.run(launch, cwd=two, env=stage_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
+    w1, w2 = assert_same_training(one, two)
+    assert json.loads((two / "metrics/train.json").read_text())["distributed_type"] == "MULTI_CPU"
+    base = load_file(tiny_model_dir / "model.safetensors")
+    moved = max((w1[k] - base[k]).abs().max().item() for k in w1)
+    assert moved > 1e-3  # training changed the weights, so the comparison below means something
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5)
+
+
+def assert_same_training(one, two) -> tuple[dict, dict]:
+    """Runs ``one`` (one process) and ``two`` (two processes) logged the same 4 updates of 4 pairs:
+    episodes, losses and gradient norms (clipped every update) within float rounding; returns their
+    saved weights."""
+    from safetensors.torch import load_file
+
     log = {name: [line.split("\t") for line in (root / "metrics/train_log.tsv").read_text().splitlines()]
            for name, root in (("one", one), ("two", two))}
     header = log["one"][0]
@@ -214,10 +230,44 @@ def test_two_processes_match_one_process(tmp_path, tiny_model_dir, tiny_policy):
         assert float(a[col["grad_norm"]]) > 0.05  # clipped every update
     metrics = json.loads((two / "metrics/train.json").read_text())
     assert metrics["world_size"] == 2 and metrics["batch_size"] == 4 and metrics["updates"] == 4
-    w1, w2 = (load_file(root / "models/policy/model.safetensors") for root in (one, two))
-    base = load_file(tiny_model_dir / "model.safetensors")
-    moved = max((w1[k] - base[k]).abs().max().item() for k in w1)
-    assert moved > 1e-3  # training changed the weights, so the comparison below means something
+    return tuple(load_file(root / "models/policy/model.safetensors") for root in (one, two))
+
+
+def deepspeed_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+@pytest.mark.skipif(not deepspeed_available() and not os.environ.get("RLHF_REQUIRE_DEEPSPEED"),
+                    reason="DeepSpeed is not installed (make venv-deepspeed; CI sets RLHF_REQUIRE_DEEPSPEED)")
+def test_deepspeed_zero3_two_processes_match_one_process(tmp_path, tiny_model_dir, tiny_policy):
+    """ZeRO-3 on two CPU processes (`accelerate launch` with envs/accelerate/deepspeed_zero3_cpu.yaml,
+    DeepSpeed's CPU accelerator over gloo), micro-batch 1 x accumulation 2, ends with the per-update
+    losses, gradient norms and weights of one process without DeepSpeed at 2 x 2 (the tolerance of the
+    DDP test above), clipping every update; the saved folder is one safetensors file of full tensors
+    (ZeRO-3's shards gathered), and the run saw two processes."""
+    settings = dict(total_episodes=16, save_every=100, max_grad_norm=0.05, learning_rate=1e-3, warmup_ratio=0.0)
+    one = stage_dir(tmp_path / "one", tiny_model_dir, tiny_policy, 4)
+    set_train(one, per_device_train_batch_size=2, gradient_accumulation_steps=2, **settings)
+    subprocess.run([sys.executable, *TRAIN], cwd=one, env=stage_env(), check=True, capture_output=True)
+
+    two = stage_dir(tmp_path / "two", tiny_model_dir, tiny_policy, 4)
+    set_train(two, per_device_train_batch_size=1, gradient_accumulation_steps=2, **settings)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(REPO / "envs/accelerate/deepspeed_zero3_cpu.yaml"), "--num_processes", "2",
+              "--main_process_port", str(free_port()), *TRAIN]
+    env = {**stage_env(), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(launch, cwd=two, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    w1, w2 = assert_same_training(one, two)
+    metrics = json.loads((two / "metrics/train.json").read_text())
+    assert metrics["distributed_type"] == "DEEPSPEED" and metrics["zero_stage"] == 3
+    assert json.loads((one / "metrics/train.json").read_text())["distributed_type"] == "NO"
+    assert sorted(p.name for p in (two / "models/policy").iterdir() if p.suffix == ".safetensors") == [
+        "model.safetensors"]
+    assert set(w1) == set(w2) and all(w1[k].shape == w2[k].shape for k in w1)  # full tensors, not shards
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5)
 
