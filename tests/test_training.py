@@ -181,6 +181,18 @@ def set_train(root, **values):
     (root / "params.yaml").write_text(yaml.safe_dump(params))
 
 
+def one_process_run_and_two_process_project(tmp_path, tiny_model_dir, tiny_policy):
+    """A project trained by one process (micro-batch 2 x accumulation 2, 4 updates of 4 pairs, clipping
+    every update), and a copy set for two processes (micro-batch 1 x accumulation 2), not yet run."""
+    settings = dict(total_episodes=16, save_every=100, max_grad_norm=0.05, learning_rate=1e-3, warmup_ratio=0.0)
+    one = stage_dir(tmp_path / "one", tiny_model_dir, tiny_policy, 4)
+    set_train(one, per_device_train_batch_size=2, gradient_accumulation_steps=2, **settings)
+    subprocess.run([sys.executable, *TRAIN], cwd=one, env=stage_env(), check=True, capture_output=True)
+    two = stage_dir(tmp_path / "two", tiny_model_dir, tiny_policy, 4)
+    set_train(two, per_device_train_batch_size=1, gradient_accumulation_steps=2, **settings)
+    return one, two
+
+
 def test_two_processes_match_one_process(tmp_path, tiny_model_dir, tiny_policy):
     """`accelerate launch --cpu --num_processes 2` (DDP over gloo), micro-batch 1 x accumulation 2,
     ends with the weights and per-update losses of one process with micro-batch 2 x accumulation 2
@@ -188,13 +200,7 @@ def test_two_processes_match_one_process(tmp_path, tiny_model_dir, tiny_policy):
     (max_grad_norm small enough to clip every update here)."""
     from safetensors.torch import load_file
 
-    settings = dict(total_episodes=16, save_every=100, max_grad_norm=0.05, learning_rate=1e-3, warmup_ratio=0.0)
-    one = stage_dir(tmp_path / "one", tiny_model_dir, tiny_policy, 4)
-    set_train(one, per_device_train_batch_size=2, gradient_accumulation_steps=2, **settings)
-    subprocess.run([sys.executable, *TRAIN], cwd=one, env=stage_env(), check=True, capture_output=True)
-
-    two = stage_dir(tmp_path / "two", tiny_model_dir, tiny_policy, 4)
-    set_train(two, per_device_train_batch_size=1, gradient_accumulation_steps=2, **settings)
+    one, two = one_process_run_and_two_process_project(tmp_path, tiny_model_dir, tiny_policy)
     # accelerate 1.x sends `--cpu --num_processes 2` to its one-process launcher; `--multi_gpu` is its
     # torchrun launcher, and the stage's Accelerator(cpu=True) (no CUDA here) makes that DDP over gloo.
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -247,13 +253,7 @@ def test_deepspeed_zero3_two_processes_match_one_process(tmp_path, tiny_model_di
     losses, gradient norms and weights of one process without DeepSpeed at 2 x 2 (the tolerance of the
     DDP test above), clipping every update; the saved folder is one safetensors file of full tensors
     (ZeRO-3's shards gathered), and the run saw two processes."""
-    settings = dict(total_episodes=16, save_every=100, max_grad_norm=0.05, learning_rate=1e-3, warmup_ratio=0.0)
-    one = stage_dir(tmp_path / "one", tiny_model_dir, tiny_policy, 4)
-    set_train(one, per_device_train_batch_size=2, gradient_accumulation_steps=2, **settings)
-    subprocess.run([sys.executable, *TRAIN], cwd=one, env=stage_env(), check=True, capture_output=True)
-
-    two = stage_dir(tmp_path / "two", tiny_model_dir, tiny_policy, 4)
-    set_train(two, per_device_train_batch_size=1, gradient_accumulation_steps=2, **settings)
+    one, two = one_process_run_and_two_process_project(tmp_path, tiny_model_dir, tiny_policy)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
               str(REPO / "envs/accelerate/deepspeed_zero3_cpu.yaml"), "--num_processes", "2",
               "--main_process_port", str(free_port()), *TRAIN]
