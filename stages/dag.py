@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,7 +67,8 @@ def imported_modules(path: Path, root: Path = ROOT) -> set[str]:
     return out
 
 
-def code_deps(stage_module: str, root: Path = ROOT) -> set[str]:
+@functools.lru_cache(maxsize=None)  # the same stage module serves several stages
+def code_deps(stage_module: str, root: Path = ROOT) -> frozenset[str]:
     """Project files executed when ``stage_module`` runs (paths relative to ``root``): its import
     closure through the project packages, parent packages' ``__init__`` included."""
     seen: set[Path] = set()
@@ -85,7 +87,7 @@ def code_deps(stage_module: str, root: Path = ROOT) -> set[str]:
         parts = name.split(".")
         todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # parent packages' __init__
         todo += sorted(imported_modules(path, root))
-    return {p.relative_to(root).as_posix() for p in seen}
+    return frozenset(p.relative_to(root).as_posix() for p in seen)
 
 
 # ---- declarations ------------------------------------------------------------------------------
@@ -354,7 +356,7 @@ class Pipeline:
     header: str
     stages: list[Stage]
     plots: str = ""
-    vars: tuple[str, ...] = field(default=())
+    vars: tuple[str, ...] = ()
 
 
 DEFAULT_HEADER = """\
