@@ -56,11 +56,46 @@ Number = Annotated[float, BeforeValidator(_not_a_boolean), AfterValidator(_finit
 Bool = Annotated[bool, Strict()]
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
+    """A section of params.yaml (or a plugin's ``Params``): unknown keys are errors, values frozen."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class PolicyParams(_Section):
+class PluginChoice(Section):
+    """A chosen plugin (``train.objective``, ``online.algorithms.<key>``): its ``name`` and its keys.
+    Only the name is checked here (it must be a plugin of ``registry``); the keys are checked by the
+    plugin's own ``Params`` in the stages that run it (``registry.Registry.parse``), so that reading
+    params.yaml imports no plugin and a stage's code deps name the chosen plugin's file alone."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    registry: ClassVar[str] = ""
+    name: str = Field(..., min_length=1)
+
+    @model_validator(mode="after")
+    def _known_name(self) -> "PluginChoice":
+        from rlhf_pipeline import registry
+
+        names = getattr(registry, self.registry).names()
+        if self.name not in names:
+            raise ValueError(f"name: no {getattr(registry, self.registry).kind} named {short_repr(self.name)} "
+                             f"(there are {', '.join(names)}; an outside plugin is a file listed in plugins)")
+        return self
+
+
+class ObjectiveChoice(PluginChoice):
+    """``train.objective``: ``{name: <objective>, <its keys>}``; the plugins of ``rlhf_pipeline/objectives/``."""
+
+    registry: ClassVar[str] = "OBJECTIVES"
+
+
+class OnlineAlgorithmChoice(PluginChoice):
+    """``online.algorithms.<key>``: ``{name: <algorithm>, <its keys>}``; the plugins of ``rlhf_pipeline/online/``."""
+
+    registry: ClassVar[str] = "ONLINE_ALGORITHMS"
+
+
+class PolicyParams(Section):
     """The policy to start from (it is also the reference policy π0)."""
 
     model: str = Field(
@@ -92,7 +127,7 @@ class PolicyParams(_Section):
         return self
 
 
-class ConstraintParams(_Section):
+class ConstraintParams(Section):
     """``data.source: ifeval_constraints``: base instructions with IFEval-taxonomy constraints attached
     (Tülu 3's RLVR data, Lambert et al. 2024, section 6.1; :mod:`rlhf_pipeline.constraints`)."""
 
@@ -111,7 +146,7 @@ class ConstraintParams(_Section):
         return self
 
 
-class DataParams(_Section):
+class DataParams(Section):
     """Where the prompts come from and how they are split."""
 
     source: Literal["ifeval", "ifeval_constraints", "file", "huggingface"] = "ifeval_constraints"
@@ -158,7 +193,7 @@ class DataParams(_Section):
         return self
 
 
-class SamplingParams(_Section):
+class SamplingParams(Section):
     """How responses are sampled from a policy: shared by ``generate`` and ``evaluate``."""
 
     backend: Literal["transformers", "vllm"] = "transformers"
@@ -180,11 +215,11 @@ class GenerateParams(SamplingParams):
     temperature: Number = Field(0.8, gt=0, description="a pair needs two different responses: no greedy")
 
 
-class IFEvalOptions(_Section):
+class IFEvalOptions(Section):
     """The ``ifeval`` scorer takes no options."""
 
 
-class SequenceClassificationOptions(_Section):
+class SequenceClassificationOptions(Section):
     """A reward model loaded with ``AutoModelForSequenceClassification``."""
 
     model: str = Field(..., min_length=1, description="Hub id or local folder, e.g. RLHFlow/ArmoRM-Llama3-8B-v0.1")
@@ -197,7 +232,7 @@ class SequenceClassificationOptions(_Section):
     dtype: Dtype = "auto"
 
 
-class _Scorer(_Section):
+class _Scorer(Section):
     weight: Number = Field(1.0, description="the reward is the weighted sum of the scorers' values")
 
 
@@ -218,7 +253,7 @@ class SequenceClassificationScorer(_Scorer):
 Scorer = Annotated[Union[IFEvalScorer, SequenceClassificationScorer], Field(discriminator="name")]
 
 
-class RewardParams(_Section):
+class RewardParams(Section):
     """How responses are scored (REBEL recipe, part 2)."""
 
     scorers: list[Scorer] = Field(default_factory=lambda: [IFEvalScorer(name="ifeval")], min_length=1)
@@ -235,7 +270,7 @@ class RewardParams(_Section):
         return self
 
 
-class PairsParams(_Section):
+class PairsParams(Section):
     """Filtering and tokenizing chosen/rejected pairs (REBEL recipe, part 3)."""
 
     max_prompt_tokens: Int = Field(1024, gt=0, description="tokens, chat template and generation prompt included")
@@ -244,41 +279,7 @@ class PairsParams(_Section):
         0.0, ge=0, description="drop pairs whose reward gap is below this; exact ties are always dropped")
 
 
-class RebelObjective(_Section):
-    """REBEL (Gao et al. 2024, Eq. 1): regress the reward gap with the log-ratio gap over η."""
-
-    name: Literal["rebel"]
-    eta: Number = Field(1.0, gt=0, description="REBEL η: the log-ratio gap is regressed onto η × reward gap")
-
-
-class DpoObjective(_Section):
-    """DPO (Rafailov et al. 2023, Eq. 7)."""
-
-    name: Literal["dpo"]
-    beta: Number = Field(0.1, gt=0, description="β: inverse strength of the KL regulariser")
-
-
-class IpoObjective(_Section):
-    """IPO (Azar et al. 2023, Eq. 17)."""
-
-    name: Literal["ipo"]
-    tau: Number = Field(0.1, gt=0, description="τ: the log-ratio gap is regressed onto 1/(2τ)")
-
-
-class SimpoObjective(_Section):
-    """SimPO (Meng et al. 2024, Eq. 6): reference-free, length-normalised."""
-
-    name: Literal["simpo"]
-    beta: Number = Field(2.0, gt=0, description="β: scale of the length-normalised log-prob")
-    gamma: Number = Field(0.5, ge=0, description="γ: target reward margin")
-
-
-#: One params model per objective; ``train.objective.name`` picks it, so ``params.yaml`` holds only
-#: the active objective's keys (and a stage's params deps name only those).
-Objective = Annotated[Union[RebelObjective, DpoObjective, IpoObjective, SimpoObjective], Field(discriminator="name")]
-
-
-class LoraParams(_Section):
+class LoraParams(Section):
     """LoRA (Hu et al. 2022) through peft: the trainer freezes the model and trains low-rank
     factors on ``target_modules`` (``rlhf_pipeline.lora``); the stage saves the merged weights and
     the adapter. Absent (null): full fine-tuning."""
@@ -294,11 +295,11 @@ class LoraParams(_Section):
                                "bitsandbytes; CUDA only")
 
 
-class OptimizerParams(_Section):
+class OptimizerParams(Section):
     """What every trainer on the one loop (``training.train_policy``) reads: optimiser, schedule,
     batching, checkpoints. Defaults as in the REBEL reference."""
 
-    learning_rate: Number = Field(6e-5, gt=0, description="tuned with dvc exp run (README)")
+    learning_rate: Number = Field(6e-5, gt=0, description="tuned with dvc exp run on validation (docs/results.md)")
     epochs: Int = Field(1, ge=1)
     total_episodes: Int | None = Field(None, ge=1, description="examples seen in training; null: examples x epochs")
     per_device_train_batch_size: Int = Field(2, ge=1, description="examples (pairs, demonstrations) per micro-batch")
@@ -321,9 +322,10 @@ class TrainParams(OptimizerParams):
     """Policy optimisation (REBEL recipe, part 4), optimiser defaults as in the REBEL reference; the
     default objective is iterated DPO, the results recipe chosen on validation (docs/results.md)."""
 
-    objective: Objective = Field(default_factory=lambda: DpoObjective(name="dpo", beta=0.1),
-                                 description="the loss: {name: rebel, eta} | {name: dpo, beta} | "
-                                 "{name: ipo, tau} | {name: simpo, beta, gamma}")
+    objective: ObjectiveChoice = Field(default_factory=lambda: ObjectiveChoice(name="dpo", beta=0.1),
+                                       description="the loss: {name: rebel, eta} | {name: dpo, beta} | "
+                                       "{name: ipo, tau} | {name: simpo, beta, gamma} | an outside plugin's "
+                                       "(one file each: rlhf_pipeline/objectives/, docs/extending.md)")
     reference: Literal["previous", "base"] = Field(
         "previous", description="reference policy of iteration t: the policy it samples from, π_t (REBEL, "
         "Algorithm 1), or the base policy π0 (iterative DPO recipes)")
@@ -341,63 +343,14 @@ class TrainParams(OptimizerParams):
         "float32 (bench/logprob_precision.py), as large as the reward gaps it regresses on")
 
 
-class PpoAlgorithm(_Section):
-    """PPO for RLHF (Schulman et al. 2017; Ziegler et al. 2019; Ouyang et al. 2022): per-token reward
-    −β·(log πθ_old − log π_ref) with the score at the last token, GAE, clipped surrogate and clipped
-    value loss, a separate value model (a critic started from the policy)."""
-
-    name: Literal["ppo"]
-    clip: Number = Field(0.2, gt=0, description="ε of the clipped surrogate (TRL's cliprange)")
-    clip_value: Number = Field(0.2, gt=0, description="ε_v: the value is clipped to V_old ± ε_v (TRL's cliprange_value)")
-    vf_coef: Number = Field(0.1, ge=0, description="weight of the value loss in the one loss (TRL's vf_coef)")
-    gamma: Number = Field(1.0, ge=0, le=1, description="GAE discount γ")
-    lam: Number = Field(0.95, ge=0, le=1, description="GAE λ")
-    whiten_advantages: Bool = Field(True, description="standardise the advantages over each rollout step")
-    kl_coef: Number = Field(0.05, ge=0, description="β of the per-token KL penalty (the initial β when adaptive)")
-    kl_target: Number | None = Field(None, gt=0, description="adaptive KL controller (Ziegler et al. 2019): the "
-                                     "target KL per response, nats; null: β fixed")
-    kl_horizon: Int = Field(10_000, gt=0, description="adaptive KL controller's horizon, responses; at least the "
-                            "responses of one rollout step (prompts_per_step × num_responses), so one step moves β "
-                            "by at most ±20 % and β stays positive")
-
-
-class RlooAlgorithm(_Section):
-    """RLOO (Ahmadian et al. 2024): the leave-one-out baseline over a prompt's k responses, on the
-    sequence reward less β·KL, with PPO's clipped ratio (as TRL's RLOOTrainer)."""
-
-    name: Literal["rloo"]
-    clip: Number = Field(0.2, gt=0, description="ε of the clipped ratio")
-    kl_coef: Number = Field(0.05, ge=0, description="β: the sequence reward is the score less β·KL(πθ_old ‖ π_ref)")
-
-
-class GrpoAlgorithm(_Section):
-    """GRPO (Shao et al. 2024): group-normalised advantages of the score, clipped ratio, k3 KL to
-    π_ref in the loss."""
-
-    name: Literal["grpo"]
-    clip: Number = Field(0.2, gt=0, description="ε of the clipped ratio")
-    beta: Number = Field(0.04, ge=0, description="β of the k3 KL term in the loss (TRL's beta)")
-
-
-class OnlineRebelAlgorithm(_Section):
-    """Online REBEL (Gao et al. 2024, Algorithm 1 with fresh samples every step): a prompt's responses
-    in pairs, regression of the relative log-ratio to the sampling policy onto the relative reward
-    (the score less β·KL to π_ref, as the REBEL reference's online scripts)."""
-
-    name: Literal["rebel"]
-    eta: Number = Field(1.0, gt=0, description="REBEL η")
-    kl_coef: Number = Field(0.05, ge=0, description="β: the reward is the score less β·KL(πθ_old ‖ π_ref)")
-
-
-#: ``online.algorithms.<key>``: one params model per online algorithm, picked by ``name``.
-OnlineAlgorithm = Annotated[Union[PpoAlgorithm, RlooAlgorithm, GrpoAlgorithm, OnlineRebelAlgorithm],
-                            Field(discriminator="name")]
-
-
 def _default_online_algorithms() -> dict:
-    # GRPO's beta: 0.16, tuned on the validation split (README); 0.04 (TRL's) stays the field default.
-    return {"ppo": PpoAlgorithm(name="ppo"), "grpo": GrpoAlgorithm(name="grpo", beta=0.16),
-            "rebel": OnlineRebelAlgorithm(name="rebel")}
+    # GRPO's beta: 0.16, tuned on the validation split (docs/measurements-2026.md); 0.04 (TRL's) stays the field
+    # default. Every key filled in from the plugin's Params, the one source of its defaults.
+    from rlhf_pipeline.registry import ONLINE_ALGORITHMS
+
+    chosen = {"ppo": {"name": "ppo"}, "grpo": {"name": "grpo", "beta": 0.16}, "rebel": {"name": "rebel"}}
+    return {key: OnlineAlgorithmChoice(**ONLINE_ALGORITHMS.parse(raw, f"online.algorithms.{key}").model_dump())
+            for key, raw in chosen.items()}
 
 
 class OnlineParams(OptimizerParams):
@@ -407,7 +360,7 @@ class OnlineParams(OptimizerParams):
     gradient_accumulation_steps`` examples (responses; pairs for rebel). One stage per item of
     ``algorithms``; the reference policy π_ref is the base policy."""
 
-    algorithms: dict[str, OnlineAlgorithm] = Field(
+    algorithms: dict[str, OnlineAlgorithmChoice] = Field(
         default_factory=_default_online_algorithms, min_length=1,
         description="{key: {name: ppo|rloo|grpo|rebel, ...}}: one online_train stage per key")
     rollout_steps: Int = Field(8, ge=1, description="rollout steps, each followed by its updates")
@@ -451,15 +404,6 @@ class OnlineParams(OptimizerParams):
                 raise ValueError(f"algorithms: the key {short_repr(key)} is not a plain name: it becomes a stage name, "
                                  "a folder and a word of a shell command in online/dvc.yaml; use letters, digits, "
                                  "'_' and '-' (at most 64, starting with a letter or digit)")
-        per_step = self.prompts_per_step * self.num_responses
-        for key, algorithm in self.algorithms.items():
-            if getattr(algorithm, "kl_target", None) is not None and algorithm.kl_horizon < per_step:
-                raise ValueError(f"algorithms.{key}.kl_horizon: {algorithm.kl_horizon} is shorter than the {per_step} "
-                                 "responses of one rollout step (prompts_per_step × num_responses); the adaptive "
-                                 "controller would move β by more than 20 % a step, and below 0 past 5x")
-        if self.num_responses % 2 and any(a.name == "rebel" for a in self.algorithms.values()):
-            raise ValueError(f"num_responses: rebel pairs a prompt's responses, so it needs an even number "
-                             f"(got {self.num_responses})")
         return self
 
 
@@ -545,7 +489,7 @@ class RewardModelParams(_TrainingDataParams):
                                   "margin|: accuracy per bin")
 
 
-class EvaluateParams(_Section):
+class EvaluateParams(Section):
     """Held-out comparison of the base and the trained policy (REBEL recipe, part 5).
 
     Sampling settings left null are those of ``generate``.
@@ -572,7 +516,7 @@ class EvaluateParams(_Section):
         return SamplingParams.model_validate(base)
 
 
-class BenchmarkParams(_Section):
+class BenchmarkParams(Section):
     """The standard IFEval benchmark (Zhou et al. 2023, arXiv 2311.07911) on the base and the final
     policy: every prompt of the set, one greedy response each, IFEval's own checkers; prompt- and
     instruction-level accuracy, strict and loose, with paired bootstrap intervals over prompts.
@@ -601,7 +545,7 @@ class BenchmarkParams(_Section):
         return SamplingParams.model_validate(base)
 
 
-class IterationParams(_Section):
+class IterationParams(Section):
     """One REBEL iteration: ``iterations.iter_<t>: {prev: iter_<t-1>}`` (``prev: base`` for t = 1)."""
 
     prev: str = Field(..., description="the policy iteration t samples from and starts from: base | iter_<t-1>")
@@ -620,7 +564,7 @@ def _check_iterations(value: dict) -> dict:
     return value
 
 
-class Params(_Section):
+class Params(Section):
     """The whole of ``params.yaml``.
 
     Every section is required: a missing section (or an empty file) is an error, never a silent
@@ -643,6 +587,9 @@ class Params(_Section):
     online: OnlineParams
     iterations: Annotated[dict[str, IterationParams], AfterValidator(_check_iterations)] = Field(
         ..., description="the REBEL iterations, in order; dvc.yaml runs one set of stages per item")
+    plugins: list[str] = Field(
+        default_factory=list, description="Python files (paths from the project root) imported before the other "
+        "keys are checked; each registers objectives or online algorithms (docs/extending.md)")
 
     @model_validator(mode="after")
     def _iterations_fit(self) -> "Params":
@@ -689,24 +636,21 @@ def short_repr(value: object) -> str:
 def _union_tags() -> frozenset[str]:
     import typing
 
-    tags = set()
-    for union in (Objective, OnlineAlgorithm, Scorer):
-        for member in typing.get_args(typing.get_args(union)[0]):
-            tags.update(typing.get_args(member.model_fields["name"].annotation))
-    return frozenset(tags)
+    return frozenset(tag for member in typing.get_args(typing.get_args(Scorer)[0])
+                     for tag in typing.get_args(member.model_fields["name"].annotation))
 
 
 _UNION_TAGS = _union_tags()
 
 
-def _format_errors(source: str, exc: ValidationError) -> str:
+def format_errors(source: str, exc: ValidationError, prefix: list[str] | tuple[str, ...] = ()) -> str:
+    """One line per error of ``exc``: ``source: section.key: reason`` (``prefix``: the path of the
+    validated model in params.yaml, e.g. ``train.objective`` for a plugin's ``Params``)."""
     lines = []
     for err in exc.errors():
-        loc = [str(p) for p in err["loc"]]
-        # pydantic puts a discriminated union's tag in the path (online.algorithms.grpo.grpo.clip): drop it
-        loc = [p for i, p in enumerate(loc)
-               if not (i and (loc[i - 1] == "objective" or (i > 1 and loc[i - 2] in ("algorithms", "scorers")))
-                       and p in _UNION_TAGS)]
+        loc = [*prefix, *(str(p) for p in err["loc"])]
+        # pydantic puts a discriminated union's tag in the path (reward.scorers.0.ifeval.weight): drop it
+        loc = [p for i, p in enumerate(loc) if not (i > 1 and loc[i - 2] == "scorers" and p in _UNION_TAGS)]
         msg = err["msg"].removeprefix("Value error, ")
         # A section-level validator reports "key: reason"; fold the key into the dotted path.
         if ": " in msg and err["type"] == "value_error":
@@ -723,8 +667,43 @@ def _format_errors(source: str, exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def import_plugins(paths: object, source: str = PARAMS_FILE) -> None:
+    """Import each file of ``plugins`` (paths from the working directory, the project root for a
+    stage), so that what it registers can be chosen by name. A file is executed at every call, as
+    the same module (named after its resolved path), so its classes replace their earlier selves.
+
+    Raises:
+        PipelineError: ``plugins`` is not a list of ``.py`` files that exist, or a file fails to import
+            (its error in the message).
+    """
+    import hashlib
+    import importlib.util
+    import sys
+
+    if not paths:
+        return
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        raise PipelineError(f"{source}: plugins: expected a list of Python file paths (got {short_repr(paths)})")
+    for rel in paths:
+        path = Path(rel)
+        if path.suffix != ".py" or not path.is_file():
+            raise PipelineError(f"{source}: plugins: {short_repr(rel)}: no such Python file")
+        digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+        stem = re.sub(r"\W", "_", path.stem)
+        name = f"rlhf_pipeline_plugin_{digest}_{stem}"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:  # the plugin's own error, whatever it is, named with its file
+            del sys.modules[name]
+            raise PipelineError(f"{source}: plugins: {rel}: import failed: {type(exc).__name__}: {exc}") from None
+
+
 def parse_params(raw: object, source: str = PARAMS_FILE) -> Params:
-    """Validate an already-parsed params mapping.
+    """Validate an already-parsed params mapping, after importing its ``plugins``. A chosen plugin's
+    own keys are checked by :func:`check_plugins` (the stages that run it), not here.
 
     Raises:
         PipelineError: one message listing each bad key as ``section.key: reason``.
@@ -733,10 +712,40 @@ def parse_params(raw: object, source: str = PARAMS_FILE) -> Params:
         raise PipelineError(f"{source}: the file is empty; every section ({', '.join(Params.model_fields)}) is needed")
     if not isinstance(raw, dict):
         raise PipelineError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    import_plugins(raw.get("plugins"), source)
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
-        raise PipelineError(_format_errors(source, exc)) from None
+        raise PipelineError(format_errors(source, exc)) from None
+
+
+def check_plugins(params: Params, source: str = PARAMS_FILE, objective: bool = True,
+                  online: tuple[str, ...] = ()) -> None:
+    """Validate the chosen plugins' keys with their own ``Params``: ``train.objective`` (unless
+    ``objective`` is false), and the ``online.algorithms`` named in ``online`` (with the checks an
+    algorithm makes against the ``online`` section, ``OnlineObjective.check_setting``). Imports
+    ``plugins`` and those plugins' files only.
+
+    Raises:
+        PipelineError: every bad key, one line each (``source: train.objective.beta: reason``).
+    """
+    from rlhf_pipeline.registry import OBJECTIVES, ONLINE_ALGORITHMS
+
+    import_plugins(list(params.plugins), source)  # again: params may come from elsewhere than parse_params
+    errors = []
+    try:
+        if objective:
+            OBJECTIVES.parse(params.train.objective, "train.objective", source)
+    except PipelineError as exc:
+        errors.append(str(exc))
+    for key in online:
+        try:
+            ONLINE_ALGORITHMS.build(params.online.algorithms[key], f"online.algorithms.{key}", source).check_setting(
+                params.online, key)
+        except PipelineError as exc:
+            errors.append(str(exc) if str(exc).startswith(source) else f"{source}: {exc}")
+    if errors:
+        raise PipelineError("\n".join(errors))
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

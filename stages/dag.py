@@ -90,6 +90,74 @@ def code_deps(stage_module: str, root: Path = ROOT) -> frozenset[str]:
     return frozenset(p.relative_to(root).as_posix() for p in seen)
 
 
+# ---- plugins: the chosen file, through DVC templating ------------------------------------------
+
+@dataclass(frozen=True)
+class Plugin:
+    """A registry (``rlhf_pipeline.registry``) whose chosen plugin a stage imports. ``registry``: its
+    attribute name there; ``params_key``: where params.yaml names the choice (a plugin section, or a
+    mapping of them); ``template``: the choice's name as DVC's templating writes it in this stage."""
+
+    registry: str
+    params_key: str
+    template: str
+
+
+OBJECTIVE = Plugin("OBJECTIVES", "train.objective", "${train.objective.name}")
+ONLINE_ALGORITHM = Plugin("ONLINE_ALGORITHMS", "online.algorithms", "${item.name}")
+
+
+def _chosen_names(plugin: Plugin, params: dict) -> list[str]:
+    value = params
+    for part in plugin.params_key.split("."):
+        value = value[part]
+    return [value["name"]] if "name" in value else [v["name"] for v in value.values()]
+
+
+def plugin_deps(plugins: tuple[Plugin, ...], root: Path = ROOT, params: dict | None = None) -> set[str]:
+    """Code deps of a stage that imports the chosen plugin of each of ``plugins`` (registries import
+    them by name, which the import closure cannot see): the chosen plugin's file as a DVC template
+    (``rlhf_pipeline/objectives/${train.objective.name}.py``), so that editing another plugin leaves
+    the stage up to date; plus every module the registry's built-in plugins import (their shared
+    code: losses, the base class), since a template cannot name those per plugin. Files listed in
+    params.yaml's ``plugins`` (outside the package) are deps as listed, with their imports; when a
+    chosen name is such an outside plugin's, every built-in plugin file is listed instead of the
+    template (which would name a file that does not exist): rerun ``make dvc-yaml`` after choosing
+    one. ``params``: the params mapping (default: ``root``'s params.yaml)."""
+    import yaml
+
+    from rlhf_pipeline import registry
+
+    if params is None:
+        params = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8"))
+    outside = [Path(p) for p in params.get("plugins") or []]
+    deps: set[str] = set()
+    for plugin in plugins:
+        package = getattr(registry, plugin.registry).package
+        folder = root / Path(*package.split("."))
+        builtin = sorted(p.stem for p in folder.glob("*.py") if not p.name.startswith("_"))
+        files = {f"{folder.relative_to(root).as_posix()}/{name}.py" for name in builtin}
+        for name in builtin:
+            deps |= code_deps(f"{package}.{name}", root)
+        if all(name in builtin for name in _chosen_names(plugin, params)):
+            deps -= files
+            deps.add(f"{folder.relative_to(root).as_posix()}/{plugin.template}.py")
+    for path in outside:
+        deps.add(path.as_posix())
+        for module in sorted(imported_modules(root / path, root)):
+            deps |= code_deps(module, root)
+    return deps
+
+
+def stage_code_deps(stage: "Stage", root: Path = ROOT) -> list[str]:
+    """Every code dep of ``stage``, sorted: its module's import closure (:func:`code_deps`) and its
+    plugins' (:func:`plugin_deps`)."""
+    deps = set(code_deps(f"stages.{stage.module}", root))
+    if stage.plugins:
+        deps |= plugin_deps(stage.plugins, root)
+    return sorted(deps)
+
+
 # ---- declarations ------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -140,6 +208,7 @@ class Stage:
     extra_deps: tuple[tuple[str, str], ...] = ()  # (path, note): read but not on the command line
     foreach: str = ""                   # e.g. ${iterations}
     wdir: str = ""
+    plugins: tuple[Plugin, ...] = ()    # registries whose chosen plugin the stage imports (plugin_deps)
 
 
 def optimizer_keys(section: str) -> tuple[str, ...]:
@@ -194,7 +263,8 @@ def iteration_chain(*, names: dict[str, str], iteration: str, policy: str, data:
              (Arg("--iteration", iteration), In("--policy", policy), In("--pairs", f"{data}/pairs.parquet"),
               In("--ref-logprobs", f"{data}/ref_logprobs.parquet"), Out("--out", model_out),
               Metrics("--metrics", f"{metrics}/train.json"), Plot("--log", log, "rendered by the top-level plots below")),
-             ("seed", "train.objective", "train.temperature", LOGPROB_TEMPERATURE, *optimizer_keys("train"))),
+             ("seed", "train.objective", "train.temperature", LOGPROB_TEMPERATURE, *optimizer_keys("train"), "plugins"),
+             plugins=(OBJECTIVE,)),
     ]
 
 
@@ -223,8 +293,10 @@ def default_dag() -> list[Stage]:
                "data.num_prompts", "data.test_size", "data.val_size",
                ("data.prompts_per_iteration", "every iteration's chunk of train prompts must exist (checked here)"),
                "data.reuse_prompts", "iterations", "generate.max_new_tokens", "evaluate.max_new_tokens",
-               "pairs.max_prompt_tokens"),
-              extra_deps=(("data/sources", ""),)),
+               "pairs.max_prompt_tokens",
+               ("train.objective", "its keys are checked here (its plugin's Params), before minutes of sampling"),
+               "plugins"),
+              extra_deps=(("data/sources", ""),), plugins=(OBJECTIVE,)),
         *iteration_chain(names={k: k for k in ("generate", "score", "pairs", "ref_logprobs", "train")},
                          iteration=it, policy="models/${item.prev}", data=f"data/{it}", metrics=f"metrics/{it}",
                          model_out=f"models/{it}", log=f"metrics/train_log/{it}.tsv", foreach="${iterations}"),
@@ -334,8 +406,8 @@ def online_dag() -> list[Stage]:
                Out("--rollouts", "online/data/${key}/rollouts.parquet"),
                Metrics("--metrics", "online/metrics/${key}/train.json"),
                Plot("--log", "online/metrics/train_log/${key}.tsv")),
-              ("seed", "reward", "online.algorithms.${key}", *shared, *optimizer_keys("online")),
-              foreach=each, wdir=wdir),
+              ("seed", "reward", "online.algorithms.${key}", *shared, *optimizer_keys("online"), "plugins"),
+              foreach=each, wdir=wdir, plugins=(ONLINE_ALGORITHM,)),
         Stage("online_evaluate", "online_evaluate",
               (In("--policy", "online/models/${key}"), In("--base", "models/base"),
                In("--base-responses", "data/eval/base.parquet"), In("--val", "data/prompts/val.parquet"),
@@ -374,7 +446,8 @@ default pipeline; run this one with
   dvc repro classic/dvc.yaml        (or: make repro-classic; experiments: dvc exp run classic/dvc.yaml -S sft.learning_rate=1e-5)
 It reads the default pipeline's outputs (models/base, the prompts, the base policy's evaluation)
 and writes only under classic/. Commands run from the repository root (wdir), as in ./dvc.yaml;
-params are the root params.yaml's. GENERATED by `python -m stages.dag` from stages/dag.py."""
+params are the root params.yaml's (vars: rl_train's code deps name train.objective's file).
+GENERATED by `python -m stages.dag` from stages/dag.py."""
 
 ONLINE_HEADER = """\
 Online RL: PPO, RLOO, GRPO and online REBEL from the base policy, each sampling its own
@@ -423,7 +496,7 @@ plots:
 
 def pipelines() -> list[Pipeline]:
     return [Pipeline("dvc.yaml", DEFAULT_HEADER, default_dag(), DEFAULT_PLOTS),
-            Pipeline("classic/dvc.yaml", CLASSIC_HEADER, classic_dag()),
+            Pipeline("classic/dvc.yaml", CLASSIC_HEADER, classic_dag(), vars=("../params.yaml:train",)),
             Pipeline("online/dvc.yaml", ONLINE_HEADER, online_dag(), ONLINE_PLOTS, vars=("../params.yaml:online",))]
 
 
@@ -473,7 +546,7 @@ def render_stage(stage: Stage, root: Path = ROOT) -> list[str]:
         out += _folded(_units(stage), body + "  ")
     item = body + "  - "
     out.append(f"{body}deps:")
-    out += [f"{item}{path}" for path in sorted(code_deps(f"stages.{stage.module}", root))]
+    out += [f"{item}{path}" for path in stage_code_deps(stage, root)]
     inputs = [(path, note) for path, note in stage.extra_deps]
     inputs += [(o.value, o.note) for o in stage.cmd if o.role == "in"]
     seen = set()

@@ -19,9 +19,10 @@ from pathlib import Path
 from rlhf_pipeline.cli import run_stage, stage_args
 from rlhf_pipeline.errors import PipelineError
 from rlhf_pipeline.models import default_device, load_policy, load_tokenizer, resolve_dtype
-from rlhf_pipeline.online import ONLINE_OBJECTIVES, OnlineTask
+from rlhf_pipeline.online import OnlineTask
 from rlhf_pipeline.outputs import read_parquet, write_parquet
-from rlhf_pipeline.params import OnlineParams, load_params
+from rlhf_pipeline.params import OnlineParams, check_plugins, load_params
+from rlhf_pipeline.registry import ONLINE_ALGORITHMS
 from rlhf_pipeline.rewards import Scorers
 from rlhf_pipeline.schemas import PROMPTS, columns
 from rlhf_pipeline.training import inputs_fingerprint, is_main_process, process_state, train_and_write
@@ -35,11 +36,12 @@ def main(argv=None) -> None:
     if args.algorithm not in cfg.algorithms:
         raise PipelineError(f"online.algorithms: no algorithm {args.algorithm!r} (there are "
                             f"{', '.join(cfg.algorithms)})")
-    algorithm = cfg.algorithms[args.algorithm]
+    check_plugins(params, objective=False, online=(args.algorithm,))  # its keys, by its own Params
+    objective = ONLINE_ALGORITHMS.build(cfg.algorithms[args.algorithm], f"online.algorithms.{args.algorithm}")
+    algorithm = objective.cfg  # defaults filled in
     prompts = read_parquet(args.prompts, columns(PROMPTS))
     scorers = Scorers(params.reward)
     scorers.validate(prompts, args.prompts)  # before any model is loaded
-    objective = ONLINE_OBJECTIVES[algorithm.name](algorithm)
     world = process_state().num_processes
     minibatch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
     per_step = objective.examples_per_step(cfg)

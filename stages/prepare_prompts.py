@@ -8,12 +8,13 @@ from rlhf_pipeline.data import drop_long_prompts, load_source, prompt_token_limi
 from rlhf_pipeline.iterations import check_iterations_fit
 from rlhf_pipeline.models import load_tokenizer, model_context
 from rlhf_pipeline.outputs import output_group, write_json, write_parquet
-from rlhf_pipeline.params import PROMPT_SOURCES_DIR, load_params
+from rlhf_pipeline.params import PROMPT_SOURCES_DIR, check_plugins, load_params
 
 
 def main(argv=None) -> None:
     args = stage_args(argv, __doc__, "model", "train", "val", "test", "metrics")
     params = load_params()
+    check_plugins(params)  # the objective's keys: the first stage fails on them, not train after minutes of sampling
     source = load_source(params.data, PROMPT_SOURCES_DIR, params.seed)
     tokenizer = load_tokenizer(args.model)
     # a prompt holding a control token as text would forge chat turns (rlhf_pipeline.chat): dropped, counted

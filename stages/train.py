@@ -15,7 +15,7 @@ from rlhf_pipeline.lora import check_quantization
 from rlhf_pipeline.models import load_tokenizer
 from rlhf_pipeline.objectives import PairwiseTask, make_objective
 from rlhf_pipeline.outputs import read_parquet
-from rlhf_pipeline.params import load_params
+from rlhf_pipeline.params import ObjectiveChoice, check_plugins, load_params
 from rlhf_pipeline.schemas import PAIRS, REF_LOGPROBS, columns
 from rlhf_pipeline.training import inputs_fingerprint, train_and_write
 
@@ -23,18 +23,22 @@ from rlhf_pipeline.training import inputs_fingerprint, train_and_write
 def main(argv=None) -> None:
     args = stage_args(argv, __doc__, "iteration", "policy", "pairs", "ref-logprobs", "out", "metrics", "log")
     params = load_params()
+    check_plugins(params)  # the objective's keys, by its own Params
     check_quantization(params.train.lora, "train")
     seed = iteration_seed(params.seed, iteration_number(args.iteration))
     pairs = read_parquet(args.pairs, columns(PAIRS, "prompt_id", "prompt_ids", "chosen_ids", "rejected_ids",
                                              "chosen_reward", "rejected_reward"))
     ref = read_parquet(args.ref_logprobs, columns(REF_LOGPROBS))
     temperature = params.logprob_temperature()
-    task = PairwiseTask(pairs, ref, make_objective(params.train.objective), load_tokenizer(args.policy).pad_token_id,
-                        temperature, f"{args.pairs} and {args.ref_logprobs}")
+    objective = make_objective(params.train.objective)
+    # the objective with its defaults filled in, so the checkpoint and the records name every key it ran with
+    cfg = params.train.model_copy(update={"objective": ObjectiveChoice.model_validate(objective.cfg.model_dump())})
+    task = PairwiseTask(pairs, ref, objective, load_tokenizer(args.policy).pad_token_id, temperature,
+                        f"{args.pairs} and {args.ref_logprobs}")
     inputs = [Path(args.pairs), Path(args.ref_logprobs), Path(args.policy) / "model.safetensors"]
-    fingerprint = inputs_fingerprint(inputs, params.train, seed, temperature)
-    train_keys = params.train.model_dump(exclude={"logprob_batch_size", "reference", "allow_temperature_mismatch"})
-    train_and_write(args.policy, task, params.train, seed, args.out, fingerprint, log_path=args.log,
+    fingerprint = inputs_fingerprint(inputs, cfg, seed, temperature)
+    train_keys = cfg.model_dump(exclude={"logprob_batch_size", "reference", "allow_temperature_mismatch"})
+    train_and_write(args.policy, task, cfg, seed, args.out, fingerprint, log_path=args.log,
                     metrics_path=args.metrics,
                     metrics=lambda summary: {"iteration": args.iteration, **summary, "temperature": temperature},
                     live_params={"seed": params.seed, "iteration": args.iteration, "train": train_keys},

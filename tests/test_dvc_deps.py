@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from stages.dag import code_deps, pipelines, render
+from stages.dag import pipelines, render, stage_code_deps
 #: Where a stage's command line names project data (``dvc.lock`` is DVC's own file, not a dep); the
 #: classic variant (classic/dvc.yaml) writes under classic/, the online one (online/dvc.yaml) under online/.
 DATA = ("data/", "models", "metrics", "classic/", "online/")
@@ -80,11 +80,45 @@ def command_paths(stage: str) -> set[str]:
     return {v for v in argv[1::2] if v.startswith(DATA) and not v.endswith("dvc.lock")}
 
 
+DECLARED = {(p.path, s.name): s for p in pipelines() for s in p.stages}
+
+
+def needed_code(stage: str) -> set[str]:
+    """The stage's import closure and its chosen plugins' files (``stages.dag.stage_code_deps``),
+    templates resolved with the committed params.yaml as DVC resolves them."""
+    import yaml
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    name, _, key = stage.partition("@")
+    decl = DECLARED[(STAGES[stage]["file"], name)]
+    assert decl.module == stage_module(stage).removeprefix("stages.")
+    chosen = {"${train.objective.name}": params["train"]["objective"]["name"]}
+    if key in params["online"]["algorithms"]:
+        chosen["${item.name}"] = params["online"]["algorithms"][key]["name"]
+    out = set()
+    for path in stage_code_deps(decl):
+        for template, value in chosen.items():
+            path = path.replace(template, value)
+        out.add(path)
+    return out
+
+
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_code_deps_are_exactly_the_modules_the_stage_imports(stage):
     listed = {d for d in STAGES[stage]["deps"] if d.endswith(".py")}
-    needed = code_deps(stage_module(stage))
+    needed = needed_code(stage)
     assert listed == needed, f"{stage}: missing {sorted(needed - listed)}, extra {sorted(listed - needed)}"
+
+
+def test_a_plugin_stage_depends_on_the_chosen_plugin_file_only():
+    # editing DPO must not make a REBEL run stale: the templated dep names one objective's file
+    for stage in ("train@iter_1", "prepare_prompts", "rl_train"):
+        files = {d for d in STAGES[stage]["deps"] if d.startswith("rlhf_pipeline/objectives/")}
+        assert files == {"rlhf_pipeline/objectives/__init__.py", "rlhf_pipeline/objectives/dpo.py"}, stage
+    for key in ("ppo", "grpo"):
+        files = {d for d in STAGES[f"online_train@{key}"]["deps"] if d.startswith("rlhf_pipeline/online/")}
+        assert files == {"rlhf_pipeline/online/__init__.py", f"rlhf_pipeline/online/{key}.py"}, key
+    assert not any(d.startswith("rlhf_pipeline/objectives/") for d in STAGES["generate@iter_1"]["deps"])
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))

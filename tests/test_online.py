@@ -9,8 +9,10 @@ import pyarrow as pa
 import pytest
 import torch
 
-from rlhf_pipeline.online import ONLINE_OBJECTIVES, OnlineTask, PolicyAndValue
+from rlhf_pipeline.errors import PipelineError
+from rlhf_pipeline.online import OnlineTask, PolicyAndValue
 from rlhf_pipeline.params import OnlineParams
+from rlhf_pipeline.registry import ONLINE_ALGORITHMS
 from rlhf_pipeline.schemas import ROLLOUTS
 from rlhf_pipeline.training import inputs_fingerprint, train_policy
 
@@ -70,9 +72,9 @@ ALGORITHMS = {"ppo": {"name": "ppo", "kl_coef": 0.01, "kl_target": 1.0, "kl_hori
 def make_task(model_dir, key: str, cfg: OnlineParams) -> OnlineTask:
     from rlhf_pipeline.models import load_policy, load_tokenizer
 
-    algorithm = cfg.algorithms[key]
     reference = load_policy(model_dir, torch.float32, torch.device("cpu"))
-    return OnlineTask(ONLINE_OBJECTIVES[algorithm.name](algorithm), PROMPTS, load_tokenizer(model_dir), reference,
+    objective = ONLINE_ALGORITHMS.build(cfg.algorithms[key], f"online.algorithms.{key}")
+    return OnlineTask(objective, PROMPTS, load_tokenizer(model_dir), reference,
                       ContainsTarget(), cfg, missing_eos_penalty=None, seed=11, where="test prompts")
 
 
@@ -104,15 +106,6 @@ def test_each_algorithm_raises_a_learnable_reward(peaked_policy_dir, tmp_path, k
         assert all(torch.isfinite(torch.tensor(r[name])) for r in rows), name
 
 
-def test_every_online_algorithm_in_the_params_schema_is_registered():
-    import typing
-
-    from rlhf_pipeline.params import OnlineAlgorithm
-
-    members = typing.get_args(typing.get_args(OnlineAlgorithm)[0])
-    assert {typing.get_args(m.model_fields["name"].annotation)[0] for m in members} == set(ONLINE_OBJECTIVES)
-
-
 def test_policy_and_value_read_values_where_the_logits_of_each_token_are(tiny_model_dir, tiny_policy):
     from rlhf_pipeline.logprobs import token_logprobs, token_logprobs_and_values
     from rlhf_pipeline.online import load_value_model
@@ -137,11 +130,13 @@ def test_policy_and_value_read_values_where_the_logits_of_each_token_are(tiny_mo
 
 
 def test_online_params_reject_an_odd_number_of_responses_for_rebel():
-    from pydantic import ValidationError
+    def check(name):
+        cfg = online_cfg(num_responses=3, algorithms={name: {"name": name}})
+        ONLINE_ALGORITHMS.build(cfg.algorithms[name], f"online.algorithms.{name}").check_setting(cfg, name)
 
-    with pytest.raises(ValidationError, match="rebel pairs a prompt's responses"):
-        online_cfg(num_responses=3, algorithms={"rebel": {"name": "rebel"}})
-    online_cfg(num_responses=3, algorithms={"grpo": {"name": "grpo"}})  # an odd k is fine for the others
+    with pytest.raises(PipelineError, match="online.num_responses: rebel .* pairs a prompt's responses"):
+        check("rebel")
+    check("grpo")  # an odd k is fine for the others
 
 
 ONLINE_TRAIN = ["-m", "stages.online_train", "--algorithm", "ppo", "--policy", "models/base", "--reference",

@@ -186,14 +186,15 @@ def test_adaptive_kl_controller_by_hand_and_its_state():
 
 
 def test_adaptive_kl_coefficient_stays_positive():
-    # kl_target 1, kl_horizon 1, 8 responses a step went β 0.05 -> -0.03: the schema refuses such a horizon ...
-    from pydantic import ValidationError
-
+    # kl_target 1, kl_horizon 1, 8 responses a step went β 0.05 -> -0.03: PPO refuses such a horizon ...
+    from rlhf_pipeline.errors import PipelineError
     from rlhf_pipeline.params import OnlineParams
+    from rlhf_pipeline.registry import ONLINE_ALGORITHMS
 
-    with pytest.raises(ValidationError, match="kl_horizon: 1 is shorter than the 8 responses of one rollout step"):
-        OnlineParams(algorithms={"ppo": {"name": "ppo", "kl_target": 1.0, "kl_horizon": 1}}, prompts_per_step=4,
-                     num_responses=2)
+    cfg = OnlineParams(algorithms={"ppo": {"name": "ppo", "kl_target": 1.0, "kl_horizon": 1}}, prompts_per_step=4,
+                       num_responses=2)
+    with pytest.raises(PipelineError, match="kl_horizon: 1 is shorter than the 8 responses of one rollout step"):
+        ONLINE_ALGORITHMS.build(cfg.algorithms["ppo"], "online.algorithms.ppo").check_setting(cfg, "ppo")
     # ... the controller refuses a step that could flip β's sign ...
     with pytest.raises(ValueError, match="β could turn negative"):
         AdaptiveKLController(0.05, 1.0, 1).update(0.0, 8)

@@ -19,7 +19,7 @@ from conftest import REPO, stage_env
 from rlhf_pipeline.errors import PipelineError
 from rlhf_pipeline.logprobs import pair_logprobs
 from rlhf_pipeline.schemas import PAIRS as PAIRS_SCHEMA
-from rlhf_pipeline.objectives import OBJECTIVES, PairwiseTask, check_reference, make_objective
+from rlhf_pipeline.objectives import PairwiseTask, check_reference, make_objective
 from rlhf_pipeline.params import TrainParams
 from rlhf_pipeline.training import episode_order, train_policy
 
@@ -57,14 +57,18 @@ def reference(model, tok, pairs):
     return pa.table({"prompt_id": pairs.column("prompt_id"), "chosen_logprob": c, "rejected_logprob": r})
 
 
-def test_every_objective_in_the_params_schema_is_registered():
-    import typing
+@pytest.mark.parametrize("registry", ["OBJECTIVES", "ONLINE_ALGORITHMS"])
+def test_each_builtin_plugin_file_registers_the_plugin_of_its_name(registry):
+    from rlhf_pipeline import registry as registries
+    from rlhf_pipeline.registry import plugin_name
 
-    from rlhf_pipeline.params import Objective
-
-    members = typing.get_args(typing.get_args(Objective)[0])
-    names = {typing.get_args(m.model_fields["name"].annotation)[0] for m in members}
-    assert names == set(OBJECTIVES)
+    r = getattr(registries, registry)
+    assert r.builtin_names() == (["dpo", "ipo", "rebel", "simpo"] if registry == "OBJECTIVES"
+                                 else ["grpo", "ppo", "rebel", "rloo"])
+    for name in r.builtin_names():
+        cls = r.get(name, "test")
+        assert cls.__module__ == f"{r.package}.{name}" and plugin_name(cls.Params) == name
+        assert r.module_file(name).name == f"{name}.py"
 
 
 @pytest.mark.parametrize("objective", [{"name": "rebel", "eta": 1.0}, {"name": "dpo"}, {"name": "ipo"},

@@ -1,10 +1,12 @@
-"""Objectives for the one training loop (``rlhf_pipeline.training``): the pairwise REBEL, DPO, IPO,
-SimPO, SFT on demonstrations, and a Bradley–Terry reward model on preference pairs.
+"""Objectives for the one training loop (``rlhf_pipeline.training``): the pairwise ones of
+``train.objective`` (one file each in this package: ``rebel.py``, ``dpo.py``, ``ipo.py``,
+``simpo.py``), SFT on demonstrations, and a Bradley–Terry reward model on preference pairs.
 
-An objective turns a micro-batch's sequence log-probs into a scalar loss and its named figures;
-the loss formulas themselves are the pure functions of ``rlhf_pipeline.losses``. Each objective
-has its own params model (``params.RebelObjective`` …, picked by ``train.objective.name``) and is
-registered in :data:`OBJECTIVES` under that name. :class:`PairwiseTask` feeds them: it holds the
+A pairwise objective is a :class:`PairObjective` subclass with its params model as ``Params``,
+registered with ``@OBJECTIVES.register`` (``rlhf_pipeline.registry``); it turns a micro-batch's
+sequence log-probs into a scalar loss and its named figures; the loss formulas themselves are the
+pure functions of ``rlhf_pipeline.losses``. This module never imports a plugin: the registry imports
+the chosen one (docs/extending.md). :class:`PairwiseTask` feeds them: it holds the
 chosen/rejected pairs and their reference log-probs and computes the policy's log-probs of a
 micro-batch. An objective on other data brings its own task (a ``training.TrainingTask``) and
 reuses the loop: :class:`SftTask`, :class:`RewardModelTask`.
@@ -21,8 +23,8 @@ import torch
 from rlhf_pipeline.errors import PipelineError
 from rlhf_pipeline.intervals import bootstrap_mean_ci
 from rlhf_pipeline.logprobs import length_grouped_batches, sequence_logprobs
-from rlhf_pipeline.losses import bradley_terry_loss, dpo_loss, ipo_loss, rebel_loss, sft_loss, simpo_loss
-from rlhf_pipeline.params import DpoObjective, IpoObjective, RebelObjective, SimpoObjective
+from rlhf_pipeline.losses import bradley_terry_loss, sft_loss
+from rlhf_pipeline.registry import OBJECTIVES
 from rlhf_pipeline.training import TrainingTask
 
 
@@ -46,8 +48,11 @@ class PairBatch(NamedTuple):
 
 class PairObjective:
     """A loss on :class:`PairBatch`. ``loss`` returns (scalar loss, {name: scalar}) with the names
-    of :attr:`metric_names`, means over the micro-batch."""
+    of :attr:`metric_names`, means over the micro-batch. A subclass defines ``Params`` (a
+    ``params.Section`` with ``name: Literal['<name>']`` and its keys) and is registered with
+    ``@OBJECTIVES.register``; ``cfg`` is its validated ``Params``."""
 
+    Params: type
     metric_names: tuple[str, ...] = ()
 
     def __init__(self, cfg):
@@ -57,79 +62,20 @@ class PairObjective:
         raise NotImplementedError
 
 
-class Rebel(PairObjective):
-    """REBEL (Gao et al. 2024, Eq. 1; :func:`rlhf_pipeline.losses.rebel_loss`). Logs the predicted
-    reward gap (Δ log-ratio / η), the target reward gap r(x,y) − r(x,y') and how often their signs
-    agree."""
-
-    cfg: RebelObjective
-    metric_names = ("predicted_reward_gap", "target_reward_gap", "sign_agreement")
-
-    def loss(self, b):
-        loss, _ = rebel_loss(b.policy_chosen, b.policy_rejected, b.ref_chosen, b.ref_rejected, b.reward_chosen,
-                             b.reward_rejected, self.cfg.eta)
-        predicted, target = b.log_ratio_gap() / self.cfg.eta, b.reward_chosen - b.reward_rejected
-        return loss, {"predicted_reward_gap": predicted.mean(), "target_reward_gap": target.mean(),
-                      "sign_agreement": (torch.sign(predicted) == torch.sign(target)).float().mean()}
-
-
-def _margin_figures(margin: torch.Tensor) -> dict[str, torch.Tensor]:
-    # TRL's rewards/margins and rewards/accuracies: the implicit reward gap and how often it is positive.
+def margin_figures(margin: torch.Tensor) -> dict[str, torch.Tensor]:
+    """TRL's rewards/margins and rewards/accuracies: the mean implicit reward gap ``margin`` (batch,)
+    and the share of pairs where it is positive."""
     return {"reward_margin": margin.mean(), "reward_accuracy": (margin > 0).float().mean()}
 
 
-class Dpo(PairObjective):
-    """DPO (Rafailov et al. 2023, Eq. 7; :func:`rlhf_pipeline.losses.dpo_loss`). Logs the implicit
-    reward margin β·Δ log-ratio and its accuracy."""
-
-    cfg: DpoObjective
-    metric_names = ("reward_margin", "reward_accuracy")
-
-    def loss(self, b):
-        loss = dpo_loss(b.policy_chosen, b.policy_rejected, b.ref_chosen, b.ref_rejected, self.cfg.beta)
-        return loss, _margin_figures(self.cfg.beta * b.log_ratio_gap())
-
-
-class Ipo(PairObjective):
-    """IPO (Azar et al. 2023, Eq. 17; :func:`rlhf_pipeline.losses.ipo_loss`). Logs the log-ratio
-    gap (its target is 1/(2τ)) and how often it is positive."""
-
-    cfg: IpoObjective
-    metric_names = ("reward_margin", "reward_accuracy")
-
-    def loss(self, b):
-        loss = ipo_loss(b.policy_chosen, b.policy_rejected, b.ref_chosen, b.ref_rejected, self.cfg.tau)
-        return loss, _margin_figures(b.log_ratio_gap())
-
-
-class Simpo(PairObjective):
-    """SimPO (Meng et al. 2024, Eq. 6; :func:`rlhf_pipeline.losses.simpo_loss`); no reference policy.
-    Logs the length-normalised margin β/|y| log πθ(y|x) − β/|y'| log πθ(y'|x) and its accuracy."""
-
-    cfg: SimpoObjective
-    metric_names = ("reward_margin", "reward_accuracy")
-
-    def loss(self, b):
-        loss = simpo_loss(b.policy_chosen, b.policy_rejected, b.chosen_tokens, b.rejected_tokens, self.cfg.beta,
-                          self.cfg.gamma)
-        margin = self.cfg.beta * (b.policy_chosen / b.chosen_tokens - b.policy_rejected / b.rejected_tokens)
-        return loss, _margin_figures(margin)
-
-
-#: ``train.objective.name`` -> objective class; every member of ``params.Objective`` has one (tested).
-OBJECTIVES: dict[str, type[PairObjective]] = {"rebel": Rebel, "dpo": Dpo, "ipo": Ipo, "simpo": Simpo}
-
-
 def make_objective(cfg) -> PairObjective:
-    """The objective for a validated ``train.objective`` params model.
+    """The objective chosen by ``train.objective`` (a ``params.ObjectiveChoice``, a mapping, or
+    its plugin's validated ``Params``), its keys checked by the plugin (``registry.OBJECTIVES``).
 
     Raises:
-        PipelineError: no objective is registered under its name.
+        PipelineError: no objective of that name, or a bad key (named ``train.objective.<key>``).
     """
-    try:
-        return OBJECTIVES[cfg.name](cfg)
-    except KeyError:
-        raise PipelineError(f"train.objective.name: no objective named {cfg.name!r}") from None
+    return OBJECTIVES.build(cfg, "train.objective")
 
 
 def check_reference(pairs: pa.Table, ref: pa.Table, where: str) -> None:

@@ -9,7 +9,9 @@ update), so ``updates per step = num_ppo_epochs × examples per step / minibatch
 the task's :meth:`OnlineTask.state_dict` (step, KL controller, every step's rollouts, the critic's
 values) in its checkpoint, so a killed run resumes to the same weights.
 
-The objectives share rollouts and differ in what they make of them (``online.algorithms.<key>.name``):
+The objectives share rollouts and differ in what they make of them (``online.algorithms.<key>.name``;
+one file each in this package, registered in ``registry.ONLINE_ALGORITHMS`` and imported only
+when chosen):
 
 - ``ppo``: per-token KL-penalised reward (``advantages.kl_penalized_rewards``), GAE, whitening, the
   clipped surrogate and clipped value loss (``policy_gradient``), fixed or adaptive β (``kl_control``).
@@ -34,15 +36,9 @@ from types import SimpleNamespace
 import pyarrow as pa
 import torch
 
-from rlhf_pipeline.advantages import (explained_variance, gae, group_normalized_advantages, kl_penalized_rewards,
-                                      masked_whiten, rloo_advantages)
 from rlhf_pipeline.errors import PipelineError
-from rlhf_pipeline.kl_control import AdaptiveKLController, FixedKLController
-from rlhf_pipeline.logprobs import (length_grouped_batches, sequence_logprobs, token_logprobs,
-                                    token_logprobs_and_values)
-from rlhf_pipeline.losses import rebel_loss
-from rlhf_pipeline.policy_gradient import (clipped_surrogate_loss, clipped_value_loss, grpo_loss,
-                                          sequence_clipped_loss)
+from rlhf_pipeline.kl_control import FixedKLController
+from rlhf_pipeline.logprobs import length_grouped_batches, token_logprobs_and_values
 from rlhf_pipeline.rollouts import Rollouts, collect_rollouts, rollouts_from_table
 from rlhf_pipeline.schemas import ROLLOUTS
 from rlhf_pipeline.training import TrainingTask
@@ -91,17 +87,29 @@ def load_value_model(model_dir, dtype: torch.dtype, device: torch.device):
 
 
 class OnlineObjective:
-    """What an online algorithm makes of a rollout step. Examples are responses
+    """What an online algorithm makes of a rollout step; a plugin (one file in this package) defines
+    ``Params`` (``name: Literal['<name>']`` and its keys) and is registered with
+    ``@ONLINE_ALGORITHMS.register``; ``cfg`` is its validated ``Params``. Examples are responses
     (``responses_per_example`` 1) or consecutive pairs of them (2). ``prepare`` turns the rollouts
     into the tensors the loss reads (advantages …); ``loss`` returns (scalar loss, figures named
     :attr:`metric_names`, detached)."""
 
+    Params: type
     metric_names: tuple[str, ...] = ()
     responses_per_example = 1
     needs_value_model = False
 
     def __init__(self, cfg):
         self.cfg = cfg
+
+    def check_setting(self, online, key: str) -> None:
+        """Refuse a combination of this algorithm's keys with the ``online`` section's (a
+        ``params.OnlineParams``; ``key``: this algorithm's key in ``online.algorithms``) before any
+        rollout; none by default.
+
+        Raises:
+            PipelineError: naming the keys.
+        """
 
     def kl_controller(self):
         return FixedKLController(self.cfg.kl_coef)
@@ -133,141 +141,15 @@ class OnlineObjective:
         raise NotImplementedError
 
 
-def _rows(r: Rollouts, idx: list[int]) -> tuple[list[list[int]], list[list[int]]]:
+def rows(r: Rollouts, idx: list[int]) -> tuple[list[list[int]], list[list[int]]]:
     return [r.prompt_tokens[i] for i in idx], [r.response_tokens[i] for i in idx]
 
 
-def _sequence_reward(r: Rollouts, beta: float) -> torch.Tensor:
+def sequence_reward(r: Rollouts, beta: float) -> torch.Tensor:
     """(n,) the reward less β times the sequence KL(πθ_old ‖ π_ref) estimate (nats): RLOO's and the
     REBEL reference's KL-regularised reward (Ahmadian et al. 2024, Sec. 2; Gao et al. 2024, Sec. 5)."""
     return (r.rewards - beta * r.kl.double()).float()
 
-
-class Ppo(OnlineObjective):
-    """PPO with a critic (Schulman et al. 2017, Eq. 7 and 9; GAE: Schulman et al. 2016, Eq. 16;
-    RLHF rewards: Ziegler et al. 2019, Eq. 2). Loss = clipped surrogate + ``vf_coef`` × clipped
-    value loss. Figures: the two losses, clip fractions, approximate KL(πθ_old ‖ πθ) per token,
-    and the critic's explained variance on the step's returns (at rollout time)."""
-
-    metric_names = ("policy_loss", "value_loss", "clip_fraction", "approx_kl", "value_clip_fraction",
-                    "explained_variance")
-    needs_value_model = True
-
-    def kl_controller(self):
-        if self.cfg.kl_target is None:
-            return FixedKLController(self.cfg.kl_coef)
-        return AdaptiveKLController(self.cfg.kl_coef, self.cfg.kl_target, self.cfg.kl_horizon)
-
-    def loss_units(self, r, idx):
-        # both losses are means over the minibatch's response tokens (TRL's PPOTrainer: masked_mean)
-        return sum(len(r.response_tokens[i]) for i in idx)
-
-    def prepare(self, r, values, beta):
-        rewards, _ = kl_penalized_rewards(r.rewards.float(), r.logprobs, r.ref_logprobs, r.mask, beta)
-        advantages, returns = gae(rewards, values, r.mask, self.cfg.gamma, self.cfg.lam)
-        if self.cfg.whiten_advantages:
-            advantages = masked_whiten(advantages, r.mask)
-        return {"advantages": advantages, "returns": returns, "values": values,
-                "explained_variance": explained_variance(values, returns, r.mask)}
-
-    def loss(self, model, r, prep, idx, pad_id, temperature):
-        logps, values, mask = token_logprobs_and_values(model, *_rows(r, idx), pad_id, temperature)
-        t, dev = mask.shape[1], mask.device
-        policy_loss, clip_fraction, approx_kl = clipped_surrogate_loss(
-            logps, r.logprobs[idx, :t].to(dev), prep["advantages"][idx, :t].to(dev), mask, self.cfg.clip)
-        value_loss, value_clip_fraction = clipped_value_loss(values, prep["values"][idx, :t].to(dev),
-                                                             prep["returns"][idx, :t].to(dev), mask,
-                                                             self.cfg.clip_value)
-        loss = policy_loss + self.cfg.vf_coef * value_loss
-        return loss, [policy_loss.detach(), value_loss.detach(), clip_fraction, approx_kl, value_clip_fraction,
-                      prep["explained_variance"]]
-
-
-class Rloo(OnlineObjective):
-    """RLOO as TRL's RLOOTrainer (the 0.x trainer of the RLOO paper's setting): REINFORCE on whole
-    responses (Ahmadian et al. 2024, arXiv 2402.14740, Eq. 5) with the leave-one-out baseline over a
-    prompt's k responses (``advantages.rloo_advantages``) of the score less β·KL, and PPO's clipped
-    ratio (Schulman et al. 2017, Eq. 7) taken once per *sequence*, on summed log-probs, averaged
-    over sequences (``policy_gradient.sequence_clipped_loss``). Sequence-level because the paper
-    models the whole response as one action: a per-token ratio with a token mean (PPO's) would weigh
-    long responses more and clip tokens separately. Figures: the share of responses whose ratio
-    was clipped, approximate KL(πθ_old ‖ πθ) per response (½ (log ρ)², nats)."""
-
-    metric_names = ("clip_fraction", "approx_kl")
-
-    def prepare(self, r, values, beta):
-        return {"advantages": rloo_advantages(r.groups(_sequence_reward(r, beta))).reshape(-1),
-                "old_logprobs": (r.logprobs * r.mask).sum(1)}
-
-    def loss(self, model, r, prep, idx, pad_id, temperature):
-        logps = sequence_logprobs(model, *_rows(r, idx), pad_id, temperature)
-        dev = logps.device
-        loss, clip_fraction, approx_kl = sequence_clipped_loss(
-            logps, prep["old_logprobs"][idx].to(dev), prep["advantages"][idx].to(dev), self.cfg.clip)
-        return loss, [clip_fraction, approx_kl]
-
-
-class Grpo(OnlineObjective):
-    """GRPO (Shao et al. 2024, Eq. 3; ``policy_gradient.grpo_loss``): group-normalised advantages of
-    the reward (no KL in it), β·k3 KL to π_ref in the loss. Figures: clip fraction, mean per-token
-    k3 KL(πθ ‖ π_ref). Its ``beta`` figure is the loss's β."""
-
-    metric_names = ("clip_fraction", "kl_k3")
-
-    def kl_controller(self):
-        return FixedKLController(self.cfg.beta)
-
-    def prepare(self, r, values, beta):
-        return {"advantages": group_normalized_advantages(r.groups(r.rewards.float())).reshape(-1)}
-
-    def loss(self, model, r, prep, idx, pad_id, temperature):
-        logps, mask = token_logprobs(model, *_rows(r, idx), pad_id, temperature)
-        t, dev = mask.shape[1], mask.device
-        loss, clip_fraction, kl = grpo_loss(logps, r.logprobs[idx, :t].to(dev), r.ref_logprobs[idx, :t].to(dev),
-                                            prep["advantages"][idx].to(dev), mask, self.cfg.clip, self.cfg.beta)
-        return loss, [clip_fraction, kl]
-
-
-class OnlineRebel(OnlineObjective):
-    """Online REBEL (Gao et al. 2024, Eq. 1 / Algorithm 1; ``losses.rebel_loss``): example j is the
-    pair of rows 2j and 2j+1 (two responses of one prompt); π_t is the sampling policy (its
-    log-probs from the rollout) and the reward the score less β·KL(πθ_old ‖ π_ref). Figures: how
-    often the predicted and the target reward gap have the same sign, and the mean |target gap|."""
-
-    metric_names = ("sign_agreement", "abs_target_reward_gap")
-    responses_per_example = 2
-
-    def lengths(self, r):
-        return [len(r.prompt_tokens[i]) + max(len(r.response_tokens[i]), len(r.response_tokens[i + 1]))
-                for i in range(0, len(r.prompt_ids), 2)]
-
-    def tokens(self, r, idx):
-        return sum(2 * len(r.prompt_tokens[2 * j]) + len(r.response_tokens[2 * j]) + len(r.response_tokens[2 * j + 1])
-                   for j in idx)
-
-    def prepare(self, r, values, beta):
-        if len(r.prompt_ids) % 2 or r.prompt_ids[0::2] != r.prompt_ids[1::2]:
-            raise PipelineError(f"rollout step {r.step}: rebel pairs a prompt's responses two by two; "
-                                "online.num_responses must be even")
-        return {"rewards": _sequence_reward(r, beta), "old_logprobs": (r.logprobs * r.mask).sum(1)}
-
-    def loss(self, model, r, prep, idx, pad_id, temperature):
-        a, b = [2 * j for j in idx], [2 * j + 1 for j in idx]
-        pa_, ra = _rows(r, a)
-        pb, rb = _rows(r, b)
-        logps = sequence_logprobs(model, pa_ + pb, ra + rb, pad_id, temperature)
-        n, dev = len(idx), logps.device
-        old, rewards = prep["old_logprobs"].to(dev), prep["rewards"].to(dev)
-        loss, reg_diff = rebel_loss(logps[:n], logps[n:], old[a], old[b], rewards[a], rewards[b], self.cfg.eta)
-        with torch.no_grad():
-            target = rewards[a] - rewards[b]
-            predicted = reg_diff + target
-            agreement = (torch.sign(predicted) == torch.sign(target)).float().mean()
-        return loss, [agreement, target.abs().mean()]
-
-
-#: ``online.algorithms.<key>.name`` -> objective class; every member of ``params.OnlineAlgorithm`` has one.
-ONLINE_OBJECTIVES: dict[str, type[OnlineObjective]] = {"ppo": Ppo, "rloo": Rloo, "grpo": Grpo, "rebel": OnlineRebel}
 
 #: Figures of the current rollout step, logged beside each update's loss: mean reward (the penalty
 #: included) and score, mean sequence KL(πθ_old ‖ π_ref) (nats), per-token entropy of πθ_old estimated
@@ -309,7 +191,7 @@ class OnlineTask(TrainingTask):
     """Rollout steps on ``prompts`` for an :class:`OnlineObjective`, as a task of the one loop.
 
     Args:
-        objective: from :data:`ONLINE_OBJECTIVES`. prompts: the train prompts (``schemas.PROMPTS``
+        objective: the chosen plugin (``registry.ONLINE_ALGORITHMS``). prompts: the train prompts (``schemas.PROMPTS``
             and what the scorers need). reference: π_ref (eval mode, no grad). scorers:
             ``rewards.Scorers``. cfg: ``params.OnlineParams``. missing_eos_penalty: ``reward``'s.
 
@@ -402,7 +284,7 @@ class OnlineTask(TrainingTask):
         out = torch.zeros_like(r.logprobs)
         lengths = [len(p) + len(t) for p, t in zip(r.prompt_tokens, r.response_tokens)]
         for idx in length_grouped_batches(lengths, self.cfg.logprob_batch_size):
-            _, values, mask = token_logprobs_and_values(model, *_rows(r, idx), self.pad_id, self.cfg.temperature)
+            _, values, mask = token_logprobs_and_values(model, *rows(r, idx), self.pad_id, self.cfg.temperature)
             out[idx, :mask.shape[1]] = values.float().cpu()
         return out
 
