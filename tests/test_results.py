@@ -60,6 +60,7 @@ def test_a_profile_switching_the_objective_replaces_it_and_keeps_other_keys():
 
 
 @pytest.mark.parametrize("profile, record", [("envs/results.yaml", "results"),
+                                             ("envs/results_3_iterations.yaml", "results/dpo_3_iterations"),
                                              *[(f"envs/compare/{n}.yaml", f"results/compare/{n}")
                                                for n in ("dpo", "grpo", "rs_sft")]])
 def test_a_committed_profile_still_gives_its_record_params(profile, record):
