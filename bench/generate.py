@@ -13,8 +13,14 @@ square 2048 matmul on all the process's threads, divided by 2 x parameters FLOP 
 With ``--compete``, the stage runs a second time beside one CPU-bound process (a pure-Python busy
 loop, as a browser tab or a second experiment would be) and the slowdown factor is printed.
 
+With ``--vllm`` (in the vLLM environment, ``make venv-vllm``), the same work also runs through the
+real vLLM (``generation.generate_vllm``: one request per response, its seed), in the same process:
+the engine's start-up, its tokens/s against the stage's sampler, its fraction of the compute limit,
+and the share of responses whose tokens are identical when half the requests are rerun in another
+batch composition (reversed order).
+
     python bench/generate.py [--prompts 32] [--responses 4] [--max-new-tokens 128] [--batch-size 64]
-                             [--compete] [--skip-baseline]
+                             [--compete] [--skip-baseline] [--vllm]
 
 Prints tokens/s of each, the ratio (goal >= 5x plain generate) and the fraction of the compute limit
 (moonshot >= 0.5).
@@ -90,6 +96,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--compete", action="store_true", help="also run the stage beside one busy process")
     ap.add_argument("--skip-baseline", action="store_true", help="leave out the plain model.generate loop")
+    ap.add_argument("--vllm", action="store_true", help="also the real vLLM on the same work (make venv-vllm)")
     args = ap.parse_args()
 
     model_dir = Path(args.model_dir)
@@ -140,6 +147,35 @@ def main() -> None:
         print(f"beside one busy process : {tokens_c:6d} tokens {seconds_c:7.1f} s {tokens_c / seconds_c:7.1f} tok/s "
               f"(same tokens: {tokens_c == tokens})")
         print(f"slowdown with one competing process: {seconds_c / seconds:.2f}x")
+    if args.vllm:
+        run_vllm(model_dir, tok, prompts, cfg, str(dtype).removeprefix("torch."), args.seed, rate,
+                 limit if device.type == "cpu" else None)
+
+
+def run_vllm(model_dir, tok, prompts, cfg, dtype: str, seed: int, stage_rate: float, limit: float | None) -> None:
+    """The real vLLM on the stage's work: start-up, tokens/s, and identical tokens on a rerun of half
+    the requests in reversed order (another batch composition)."""
+    from rlhf_pipeline.generation import generate_vllm, vllm_engine
+
+    t0 = time.perf_counter()
+    llm = vllm_engine(model_dir, dtype, seed)
+    start = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    first = generate_vllm(model_dir, tok, prompts, cfg, seed, dtype, llm=llm)
+    seconds = time.perf_counter() - t0
+    tokens = sum(r.num_tokens for r in first)
+    rate = tokens / seconds
+    print(f"vLLM engine start-up    : {start:7.1f} s")
+    print(f"vLLM                    : {tokens:6d} tokens {seconds:7.1f} s {rate:7.1f} tok/s "
+          f"(ratio to the stage's sampler: {rate / stage_rate:.2f})")
+    if limit:
+        print(f"vLLM fraction of the compute limit: {rate / limit:.2f}")
+    half = prompts[: max(1, len(prompts) // 2)][::-1]
+    again = {(r.prompt_id, r.response_idx): r.token_ids for r in generate_vllm(model_dir, tok, half, cfg, seed, dtype,
+                                                                                 llm=llm)}
+    same = sum(again[(r.prompt_id, r.response_idx)] == r.token_ids for r in first if (r.prompt_id, r.response_idx)
+               in again)
+    print(f"vLLM rerun of {len(again)} responses in reversed order: {same}/{len(again)} identical token ids")
 
 
 if __name__ == "__main__":

@@ -731,7 +731,7 @@ def check_plugins(params: Params, source: str = PARAMS_FILE, objective: bool = T
     """
     from rlhf_pipeline.registry import OBJECTIVES, ONLINE_ALGORITHMS
 
-    import_plugins(list(params.plugins), source)  # again: params may come from elsewhere than parse_params
+    import_plugins(params.plugins, source)  # again: params may come from elsewhere than parse_params
     errors = []
     try:
         if objective:

@@ -101,14 +101,15 @@ class Registry:
         return self._plugins[name]
 
     def parse(self, choice: BaseModel | dict, where: str, source: str = "params.yaml") -> BaseModel:
-        """``choice`` (a ``params.PluginChoice`` or mapping) validated by its plugin's ``Params``.
+        """``choice`` (a ``params.PluginChoice``, anything with its ``model_dump``, or a mapping)
+        validated by its plugin's ``Params``.
 
         Raises:
             PipelineError: an unknown name, or one line per bad key (``source: where.key: reason``).
         """
         from rlhf_pipeline.params import format_errors
 
-        raw = choice.model_dump() if isinstance(choice, BaseModel) else dict(choice)
+        raw = choice.model_dump() if hasattr(choice, "model_dump") else dict(choice)  # a model, or a view of one
         cls = self.get(raw.get("name"), f"{source}: {where}.name")
         try:
             return cls.Params.model_validate(raw)

@@ -15,7 +15,7 @@ from rlhf_pipeline.lora import check_quantization
 from rlhf_pipeline.models import load_tokenizer
 from rlhf_pipeline.objectives import PairwiseTask, make_objective
 from rlhf_pipeline.outputs import read_parquet
-from rlhf_pipeline.params import ObjectiveChoice, check_plugins, load_params
+from rlhf_pipeline.params import check_plugins, load_params
 from rlhf_pipeline.schemas import PAIRS, REF_LOGPROBS, columns
 from rlhf_pipeline.training import inputs_fingerprint, train_and_write
 
@@ -30,15 +30,12 @@ def main(argv=None) -> None:
                                              "chosen_reward", "rejected_reward"))
     ref = read_parquet(args.ref_logprobs, columns(REF_LOGPROBS))
     temperature = params.logprob_temperature()
-    objective = make_objective(params.train.objective)
-    # the objective with its defaults filled in, so the checkpoint and the records name every key it ran with
-    cfg = params.train.model_copy(update={"objective": ObjectiveChoice.model_validate(objective.cfg.model_dump())})
-    task = PairwiseTask(pairs, ref, objective, load_tokenizer(args.policy).pad_token_id, temperature,
-                        f"{args.pairs} and {args.ref_logprobs}")
+    task = PairwiseTask(pairs, ref, make_objective(params.train.objective), load_tokenizer(args.policy).pad_token_id,
+                        temperature, f"{args.pairs} and {args.ref_logprobs}")
     inputs = [Path(args.pairs), Path(args.ref_logprobs), Path(args.policy) / "model.safetensors"]
-    fingerprint = inputs_fingerprint(inputs, cfg, seed, temperature)
-    train_keys = cfg.model_dump(exclude={"logprob_batch_size", "reference", "allow_temperature_mismatch"})
-    train_and_write(args.policy, task, cfg, seed, args.out, fingerprint, log_path=args.log,
+    fingerprint = inputs_fingerprint(inputs, params.train, seed, temperature)
+    train_keys = params.train.model_dump(exclude={"logprob_batch_size", "reference", "allow_temperature_mismatch"})
+    train_and_write(args.policy, task, params.train, seed, args.out, fingerprint, log_path=args.log,
                     metrics_path=args.metrics,
                     metrics=lambda summary: {"iteration": args.iteration, **summary, "temperature": temperature},
                     live_params={"seed": params.seed, "iteration": args.iteration, "train": train_keys},

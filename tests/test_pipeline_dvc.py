@@ -326,6 +326,22 @@ def test_second_repro_runs_nothing(project):
     assert "Running stage" not in run_dvc(project, "repro").stdout
 
 
+def test_editing_another_objective_leaves_the_pipeline_up_to_date(project):
+    """The tiny project trains REBEL: its stages depend on the chosen objective's file only
+    (stages/dag.py's template), so an edit of dpo.py stales nothing, and one of rebel.py stales
+    prepare_prompts (which checks the objective's keys) and train."""
+    for name, stale in (("dpo", set()), ("rebel", {"prepare_prompts", *stages_of("train")})):
+        path = project / f"rlhf_pipeline/objectives/{name}.py"
+        original = path.read_text(encoding="utf-8")
+        path.write_text(original + "\n# an edit\n", encoding="utf-8")
+        try:
+            status = json.loads(run_dvc(project, "status", "--json", "dvc.yaml").stdout or "{}")
+        finally:
+            path.write_text(original, encoding="utf-8")
+        assert {key.rsplit(":", 1)[-1] for key in status} == stale, (name, sorted(status))
+    assert "Running stage" not in run_dvc(project, "repro").stdout
+
+
 def test_changed_min_reward_gap_reruns_pairs_only(project):
     before = lock_md5s(project)
     set_param(project, "pairs", "min_reward_gap", 1e-4)
@@ -339,13 +355,14 @@ def test_changed_min_reward_gap_reruns_pairs_only(project):
 
 def test_changed_eta_reruns_iteration_1_train_and_everything_after_it(project):
     """η changes π_2, which iteration 2 samples from: all of iteration 2 reruns; the base policy's
-    evaluation and iteration 1's data do not."""
+    evaluation and iteration 1's data do not. prepare_prompts reruns too (it checks the objective's
+    keys) and writes the same prompts, so nothing reruns for it."""
     before = lock_md5s(project)
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["train"]["objective"]["eta"] = 0.5
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     assert ran(run_dvc(project, "repro").stdout) == {
-        "train@iter_1", *stages_of("evaluate"), "generate@iter_2", "score@iter_2", "pairs@iter_2",
+        "prepare_prompts", "train@iter_1", *stages_of("evaluate"), "generate@iter_2", "score@iter_2", "pairs@iter_2",
         "ref_logprobs@iter_2", "train@iter_2", "evaluate_test", "benchmark", "report"}
     after = lock_md5s(project)
     changed = {k for k in before if before[k] != after[k]}
