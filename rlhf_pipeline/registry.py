@@ -3,8 +3,8 @@
 
 A plugin is one file: a class that carries its params model as ``Params`` (a pydantic model whose
 ``name`` is a ``Literal`` of the plugin's name), decorated with the registry's ``register``. The
-built-in ones live one per module in the registry's package (``rlhf_pipeline/objectives/dpo.py``
-for ``name: dpo``; ``-`` in a name is ``_`` in the file name) and are imported only when chosen, so
+built-in ones live one per module in the registry's package, the file named as the plugin
+(``rlhf_pipeline/objectives/dpo.py`` for ``name: dpo``), and are imported only when chosen, so
 that a stage's code deps name the chosen plugin's file alone (``stages/dag.py`` writes it as
 ``rlhf_pipeline/objectives/${train.objective.name}.py``): editing DPO does not make a REBEL run
 stale. A plugin outside the package is a file listed in ``params.yaml``'s ``plugins`` (imported by
@@ -73,8 +73,8 @@ class Registry:
         return Path(next(iter(spec.submodule_search_locations)))
 
     def builtin_names(self) -> list[str]:
-        """Names of the built-in plugins: the package's module files not starting with ``_``, with
-        ``_`` read as ``-`` where the registered name has one (e.g. ``sequence-classification``)."""
+        """Names of the built-in plugins: the package's module files not starting with ``_`` (a
+        built-in plugin's name is its file's name)."""
         return sorted(p.stem for p in self.package_dir().glob("*.py") if not p.name.startswith("_"))
 
     def names(self) -> list[str]:
@@ -85,7 +85,7 @@ class Registry:
         """The file a plugin is defined in (built-in: without importing it)."""
         if name in self._plugins:
             return Path(importlib.import_module(self._plugins[name].__module__).__file__)
-        return self.package_dir() / f"{name.replace('-', '_')}.py"
+        return self.package_dir() / f"{name}.py"
 
     def get(self, name: str, where: str) -> type:
         """The plugin class registered as ``name``, importing its built-in module on first use.
@@ -94,7 +94,7 @@ class Registry:
             PipelineError: no such plugin (``where``: the params key, for the message).
         """
         if name not in self._plugins and name in self.builtin_names():
-            importlib.import_module(f"{self.package}.{name.replace('-', '_')}")
+            importlib.import_module(f"{self.package}.{name}")
         if name not in self._plugins:
             raise PipelineError(f"{where}: no {self.kind} named {name!r} (there are {', '.join(self.names())}; "
                                 "an outside plugin is a file listed in params.yaml's plugins)")
