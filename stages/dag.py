@@ -135,7 +135,7 @@ def plugin_deps(plugins: tuple[Plugin, ...], root: Path = ROOT, params: dict | N
     for plugin in plugins:
         package = getattr(registry, plugin.registry).package
         folder = root / Path(*package.split("."))
-        builtin = sorted(p.stem for p in folder.glob("*.py") if not p.name.startswith("_"))
+        builtin = getattr(registry, plugin.registry).builtin_names()
         files = {f"{folder.relative_to(root).as_posix()}/{name}.py" for name in builtin}
         for name in builtin:
             deps |= code_deps(f"{package}.{name}", root)
