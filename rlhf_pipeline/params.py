@@ -12,7 +12,7 @@ import os
 import re
 import reprlib
 from pathlib import Path
-from typing import Annotated, ClassVar, Literal, Union
+from typing import Annotated, ClassVar, Literal
 
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, model_validator
@@ -93,6 +93,13 @@ class OnlineAlgorithmChoice(PluginChoice):
     """``online.algorithms.<key>``: ``{name: <algorithm>, <its keys>}``; the plugins of ``rlhf_pipeline/online/``."""
 
     registry: ClassVar[str] = "ONLINE_ALGORITHMS"
+
+
+class ScorerChoice(PluginChoice):
+    """``reward.scorers[i]``: ``{name: <scorer>, weight, options}``; the plugins of ``rlhf_pipeline/rewards/``
+    (their ``Params``: ``rewards.ScorerParams``)."""
+
+    registry: ClassVar[str] = "SCORERS"
 
 
 class PolicyParams(Section):
@@ -215,48 +222,10 @@ class GenerateParams(SamplingParams):
     temperature: Number = Field(0.8, gt=0, description="a pair needs two different responses: no greedy")
 
 
-class IFEvalOptions(Section):
-    """The ``ifeval`` scorer takes no options."""
-
-
-class SequenceClassificationOptions(Section):
-    """A reward model loaded with ``AutoModelForSequenceClassification``."""
-
-    model: str = Field(..., min_length=1, description="Hub id or local folder, e.g. RLHFlow/ArmoRM-Llama3-8B-v0.1")
-    revision: str | None = None
-    trust_remote_code: Bool = False
-    score_attribute: str | None = Field(
-        None, description="output attribute holding the reward (ArmoRM: 'score'); default: the one logit")
-    batch_size: Int = Field(8, gt=0, description="conversations per forward pass")
-    max_length: Int = Field(4096, gt=0, description="tokens; longer conversations are truncated (counted)")
-    dtype: Dtype = "auto"
-
-
-class _Scorer(Section):
-    weight: Number = Field(1.0, description="the reward is the weighted sum of the scorers' values")
-
-
-class IFEvalScorer(_Scorer):
-    """Verifiable instruction-following reward (IFEval checkers, loose fraction followed)."""
-
-    name: Literal["ifeval"]
-    options: IFEvalOptions = IFEvalOptions()
-
-
-class SequenceClassificationScorer(_Scorer):
-    """A reward model's scalar output for the (prompt, response) conversation."""
-
-    name: Literal["sequence-classification"]
-    options: SequenceClassificationOptions
-
-
-Scorer = Annotated[Union[IFEvalScorer, SequenceClassificationScorer], Field(discriminator="name")]
-
-
 class RewardParams(Section):
     """How responses are scored (REBEL recipe, part 2)."""
 
-    scorers: list[Scorer] = Field(default_factory=lambda: [IFEvalScorer(name="ifeval")], min_length=1)
+    scorers: list[ScorerChoice] = Field(default_factory=lambda: [ScorerChoice(name="ifeval", weight=1.0)], min_length=1)
     missing_eos_penalty: Number | None = Field(
         1.0, gt=0, description="subtracted from the training reward of a response cut at max_new_tokens "
                                 "(TRL's missing_eos_penalty, a subtraction; the REBEL reference instead replaces the score with a "
@@ -633,24 +602,12 @@ def short_repr(value: object) -> str:
     return _SHORT.repr(value)[:200]
 
 
-def _union_tags() -> frozenset[str]:
-    import typing
-
-    return frozenset(tag for member in typing.get_args(typing.get_args(Scorer)[0])
-                     for tag in typing.get_args(member.model_fields["name"].annotation))
-
-
-_UNION_TAGS = _union_tags()
-
-
 def format_errors(source: str, exc: ValidationError, prefix: list[str] | tuple[str, ...] = ()) -> str:
     """One line per error of ``exc``: ``source: section.key: reason`` (``prefix``: the path of the
     validated model in params.yaml, e.g. ``train.objective`` for a plugin's ``Params``)."""
     lines = []
     for err in exc.errors():
         loc = [*prefix, *(str(p) for p in err["loc"])]
-        # pydantic puts a discriminated union's tag in the path (reward.scorers.0.ifeval.weight): drop it
-        loc = [p for i, p in enumerate(loc) if not (i > 1 and loc[i - 2] == "scorers" and p in _UNION_TAGS)]
         msg = err["msg"].removeprefix("Value error, ")
         # A section-level validator reports "key: reason"; fold the key into the dotted path.
         if ": " in msg and err["type"] == "value_error":
@@ -720,24 +677,27 @@ def parse_params(raw: object, source: str = PARAMS_FILE) -> Params:
 
 
 def check_plugins(params: Params, source: str = PARAMS_FILE, objective: bool = True,
-                  online: tuple[str, ...] = ()) -> None:
+                  online: tuple[str, ...] = (), scorers: bool = False) -> None:
     """Validate the chosen plugins' keys with their own ``Params``: ``train.objective`` (unless
-    ``objective`` is false), and the ``online.algorithms`` named in ``online`` (with the checks an
-    algorithm makes against the ``online`` section, ``OnlineObjective.check_setting``). Imports
-    ``plugins`` and those plugins' files only.
+    ``objective`` is false), the ``online.algorithms`` named in ``online`` (with the checks an
+    algorithm makes against the ``online`` section, ``OnlineObjective.check_setting``), and
+    ``reward.scorers`` where ``scorers``. Imports ``plugins`` and those plugins' files only.
 
     Raises:
         PipelineError: every bad key, one line each (``source: train.objective.beta: reason``).
     """
-    from rlhf_pipeline.registry import OBJECTIVES, ONLINE_ALGORITHMS
+    from rlhf_pipeline.registry import OBJECTIVES, ONLINE_ALGORITHMS, SCORERS
 
     import_plugins(params.plugins, source)  # again: params may come from elsewhere than parse_params
+    chosen = [(OBJECTIVES, params.train.objective, "train.objective")] if objective else []
+    if scorers:
+        chosen += [(SCORERS, s, f"reward.scorers.{i}") for i, s in enumerate(params.reward.scorers)]
     errors = []
-    try:
-        if objective:
-            OBJECTIVES.parse(params.train.objective, "train.objective", source)
-    except PipelineError as exc:
-        errors.append(str(exc))
+    for registry, choice, where in chosen:
+        try:
+            registry.parse(choice, where, source)
+        except PipelineError as exc:
+            errors.append(str(exc))
     for key in online:
         try:
             ONLINE_ALGORITHMS.build(params.online.algorithms[key], f"online.algorithms.{key}", source).check_setting(

@@ -1,10 +1,12 @@
-"""Plugins by name: the objectives of ``train.objective`` and the online algorithms of
-``online.algorithms`` (in the manner of verl's ``@register_policy_loss``).
+"""Plugins by name: the objectives of ``train.objective``, the online algorithms of
+``online.algorithms`` and the scorers of ``reward.scorers`` (in the manner of verl's
+``@register_policy_loss``).
 
 A plugin is one file: a class that carries its params model as ``Params`` (a pydantic model whose
 ``name`` is a ``Literal`` of the plugin's name), decorated with the registry's ``register``. The
 built-in ones live one per module in the registry's package, the file named as the plugin
-(``rlhf_pipeline/objectives/dpo.py`` for ``name: dpo``), and are imported only when chosen, so
+(``rlhf_pipeline/objectives/dpo.py`` for ``name: dpo``; a scorer's ``-`` is a ``_`` in its file
+name: ``rewards/sequence_classification.py``), and are imported only when chosen, so
 that a stage's code deps name the chosen plugin's file alone (``stages/dag.py`` writes it as
 ``rlhf_pipeline/objectives/${train.objective.name}.py``): editing DPO does not make a REBEL run
 stale. A plugin outside the package is a file listed in ``params.yaml``'s ``plugins`` (imported by
@@ -43,10 +45,11 @@ def plugin_name(params_model: type[BaseModel]) -> str:
 
 
 class Registry:
-    """Plugins of one kind (``kind``, for messages), built-in ones in ``package``, by name."""
+    """Plugins of one kind (``kind``, for messages), built-in ones in ``package``, by name.
+    ``dashes``: the names write ``-`` where the files (Python modules) have ``_``."""
 
-    def __init__(self, kind: str, package: str):
-        self.kind, self.package = kind, package
+    def __init__(self, kind: str, package: str, dashes: bool = False):
+        self.kind, self.package, self.dashes = kind, package, dashes
         self._plugins: dict[str, type] = {}
 
     def register(self, cls: type) -> type:
@@ -72,10 +75,15 @@ class Registry:
         spec = importlib.util.find_spec(self.package)
         return Path(next(iter(spec.submodule_search_locations)))
 
+    def module_stem(self, name: str) -> str:
+        """The module (file stem) of built-in plugin ``name``."""
+        return name.replace("-", "_") if self.dashes else name
+
     def builtin_names(self) -> list[str]:
         """Names of the built-in plugins: the package's module files not starting with ``_`` (a
-        built-in plugin's name is its file's name)."""
-        return sorted(p.stem for p in self.package_dir().glob("*.py") if not p.name.startswith("_"))
+        built-in plugin's name is its file's name, ``_`` written ``-`` where ``dashes``)."""
+        stems = (p.stem for p in self.package_dir().glob("*.py") if not p.name.startswith("_"))
+        return sorted(s.replace("_", "-") if self.dashes else s for s in stems)
 
     def names(self) -> list[str]:
         """Every name a params file may choose: built-in and registered."""
@@ -85,7 +93,7 @@ class Registry:
         """The file a plugin is defined in (built-in: without importing it)."""
         if name in self._plugins:
             return Path(importlib.import_module(self._plugins[name].__module__).__file__)
-        return self.package_dir() / f"{name}.py"
+        return self.package_dir() / f"{self.module_stem(name)}.py"
 
     def get(self, name: str, where: str) -> type:
         """The plugin class registered as ``name``, importing its built-in module on first use.
@@ -94,7 +102,7 @@ class Registry:
             PipelineError: no such plugin (``where``: the params key, for the message).
         """
         if name not in self._plugins and name in self.builtin_names():
-            importlib.import_module(f"{self.package}.{name}")
+            importlib.import_module(f"{self.package}.{self.module_stem(name)}")
         if name not in self._plugins:
             raise PipelineError(f"{where}: no {self.kind} named {name!r} (there are {', '.join(self.names())}; "
                                 "an outside plugin is a file listed in params.yaml's plugins)")
@@ -126,3 +134,5 @@ class Registry:
 OBJECTIVES = Registry("objective", "rlhf_pipeline.objectives")
 #: ``online.algorithms.<key>``: online RL algorithms (``rlhf_pipeline.online.OnlineObjective``).
 ONLINE_ALGORITHMS = Registry("online algorithm", "rlhf_pipeline.online")
+#: ``reward.scorers[i]``: what a response's reward is made of (``rlhf_pipeline.rewards.Scorer``).
+SCORERS = Registry("scorer", "rlhf_pipeline.rewards", dashes=True)

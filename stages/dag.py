@@ -96,21 +96,28 @@ def code_deps(stage_module: str, root: Path = ROOT) -> frozenset[str]:
 class Plugin:
     """A registry (``rlhf_pipeline.registry``) whose chosen plugin a stage imports. ``registry``: its
     attribute name there; ``params_key``: where params.yaml names the choice (a plugin section, or a
-    mapping of them); ``template``: the choice's name as DVC's templating writes it in this stage."""
+    mapping or a list of them); ``template``: the choice's name as DVC's templating writes it in this
+    stage, or None where it cannot (a list: DVC does not expand one in deps), which makes every
+    built-in plugin's file a dep."""
 
     registry: str
     params_key: str
-    template: str
+    template: str | None
 
 
 OBJECTIVE = Plugin("OBJECTIVES", "train.objective", "${train.objective.name}")
 ONLINE_ALGORITHM = Plugin("ONLINE_ALGORITHMS", "online.algorithms", "${item.name}")
+#: Every stage that imports ``rlhf_pipeline.rewards`` (``Scorers``) runs the scorers of the list
+#: ``reward.scorers``: all built-in scorer files are its deps (:func:`stage_code_deps`).
+SCORER = Plugin("SCORERS", "reward.scorers", None)
 
 
 def _chosen_names(plugin: Plugin, params: dict) -> list[str]:
     value = params
     for part in plugin.params_key.split("."):
         value = value[part]
+    if isinstance(value, list):
+        return [v["name"] for v in value]
     return [value["name"]] if "name" in value else [v["name"] for v in value.values()]
 
 
@@ -133,13 +140,13 @@ def plugin_deps(plugins: tuple[Plugin, ...], root: Path = ROOT, params: dict | N
     outside = [Path(p) for p in params.get("plugins") or []]
     deps: set[str] = set()
     for plugin in plugins:
-        package = getattr(registry, plugin.registry).package
-        folder = root / Path(*package.split("."))
-        builtin = getattr(registry, plugin.registry).builtin_names()
-        files = {f"{folder.relative_to(root).as_posix()}/{name}.py" for name in builtin}
+        reg = getattr(registry, plugin.registry)
+        folder = root / Path(*reg.package.split("."))
+        builtin = reg.builtin_names()
+        files = {f"{folder.relative_to(root).as_posix()}/{reg.module_stem(name)}.py" for name in builtin}
         for name in builtin:
-            deps |= code_deps(f"{package}.{name}", root)
-        if all(name in builtin for name in _chosen_names(plugin, params)):
+            deps |= code_deps(f"{reg.package}.{reg.module_stem(name)}", root)
+        if plugin.template is not None and all(name in builtin for name in _chosen_names(plugin, params)):
             deps -= files
             deps.add(f"{folder.relative_to(root).as_posix()}/{plugin.template}.py")
     for path in outside:
@@ -151,10 +158,13 @@ def plugin_deps(plugins: tuple[Plugin, ...], root: Path = ROOT, params: dict | N
 
 def stage_code_deps(stage: "Stage", root: Path = ROOT) -> list[str]:
     """Every code dep of ``stage``, sorted: its module's import closure (:func:`code_deps`) and its
-    plugins' (:func:`plugin_deps`)."""
+    plugins' (:func:`plugin_deps`; :data:`SCORER` for every stage that imports the scorers' package)."""
     deps = set(code_deps(f"stages.{stage.module}", root))
-    if stage.plugins:
-        deps |= plugin_deps(stage.plugins, root)
+    plugins = stage.plugins
+    if "rlhf_pipeline/rewards/__init__.py" in deps and SCORER not in plugins:
+        plugins = (*plugins, SCORER)
+    if plugins:
+        deps |= plugin_deps(plugins, root)
     return sorted(deps)
 
 
@@ -295,8 +305,8 @@ def default_dag() -> list[Stage]:
                "data.reuse_prompts", "iterations", "generate.max_new_tokens", "evaluate.max_new_tokens",
                "pairs.max_prompt_tokens",
                ("train.objective", "its keys are checked here (its plugin's Params), before minutes of sampling"),
-               "plugins"),
-              extra_deps=(("data/sources", ""),), plugins=(OBJECTIVE,)),
+               ("reward.scorers", "their keys too (each scorer's Params)"), "plugins"),
+              extra_deps=(("data/sources", ""),), plugins=(OBJECTIVE, SCORER)),
         *iteration_chain(names={k: k for k in ("generate", "score", "pairs", "ref_logprobs", "train")},
                          iteration=it, policy="models/${item.prev}", data=f"data/{it}", metrics=f"metrics/{it}",
                          model_out=f"models/{it}", log=f"metrics/train_log/{it}.tsv", foreach="${iterations}"),

@@ -13,7 +13,7 @@ from rlhf_pipeline.errors import PipelineError
 from rlhf_pipeline.outputs import read_parquet, write_json
 from rlhf_pipeline.params import load_params
 from rlhf_pipeline.rewards import reward_column, score_responses
-from rlhf_pipeline.rewards.learned import PROXY, proxy_and_gold, proxy_params
+from rlhf_pipeline.learned_reward import PROXY, proxy_and_gold, proxy_params
 
 #: Option -> the policy's name in the metrics.
 POLICIES = {"sft": "sft", "rl": "rebel_learned_reward", "rebel": "rebel_ifeval"}

@@ -14,7 +14,7 @@ from rlhf_pipeline.params import PROMPT_SOURCES_DIR, check_plugins, load_params
 def main(argv=None) -> None:
     args = stage_args(argv, __doc__, "model", "train", "val", "test", "metrics")
     params = load_params()
-    check_plugins(params)  # the objective's keys: the first stage fails on them, not train after minutes of sampling
+    check_plugins(params, scorers=True)  # the objective's and scorers' keys: fail here, not minutes of sampling later
     source = load_source(params.data, PROMPT_SOURCES_DIR, params.seed)
     tokenizer = load_tokenizer(args.model)
     # a prompt holding a control token as text would forge chat turns (rlhf_pipeline.chat): dropped, counted

@@ -2,7 +2,7 @@
 
 With ``--reward-model DIR`` (the classic variant's RL step) the reward is that learned reward
 model's score alone; the configured scorers are kept at weight 0 and the metrics report how well
-the reward model agrees with them on these responses (``rlhf_pipeline.rewards.learned``).
+the reward model agrees with them on these responses (``rlhf_pipeline.learned_reward``).
 """
 
 import time
@@ -13,7 +13,7 @@ from rlhf_pipeline.errors import PipelineError
 from rlhf_pipeline.outputs import output_group, read_parquet, write_json, write_parquet
 from rlhf_pipeline.params import load_params
 from rlhf_pipeline.rewards import Scorers, penalize_missing_eos, reward_summary, score_responses
-from rlhf_pipeline.rewards.learned import agreement_metrics, learned_reward_params
+from rlhf_pipeline.learned_reward import agreement_metrics, learned_reward_params
 from rlhf_pipeline.schemas import GENERATIONS, PROMPTS, columns
 
 

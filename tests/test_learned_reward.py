@@ -14,8 +14,8 @@ import yaml
 from conftest import REPO, stage_env
 from rlhf_pipeline.errors import PipelineError
 from rlhf_pipeline.params import RewardParams
-from rlhf_pipeline.rewards import score_responses
-from rlhf_pipeline.rewards.learned import learned_reward_params, reward_agreement
+from rlhf_pipeline.learned_reward import learned_reward_params, reward_agreement
+from rlhf_pipeline.rewards import Scorers, score_responses
 
 
 def test_agreement_by_hand():
@@ -47,9 +47,10 @@ def test_learned_reward_is_the_only_weighted_scorer():
                                  "options": {"model": "RLHFlow/ArmoRM-Llama3-8B-v0.1", "score_attribute": "score"}}],
                        missing_eos_penalty=0.5)
     out = learned_reward_params(cfg, "classic/models/reward")
-    assert [(s.name, s.weight) for s in out.scorers] == [("sequence-classification", 1.0), ("ifeval", 0.0)]
-    assert out.scorers[0].options.model == "classic/models/reward"
-    assert out.scorers[0].options.score_attribute is None  # the configured model's options are not carried over
+    built = [c for c, _ in Scorers(out).scorers]  # each scorer's validated Params (no model is loaded)
+    assert [(s.name, s.weight) for s in built] == [("sequence-classification", 1.0), ("ifeval", 0.0)]
+    assert built[0].options.model == "classic/models/reward"
+    assert built[0].options.score_attribute is None  # the configured model's options are not carried over
     assert out.missing_eos_penalty == 0.5
     only_rm = RewardParams(scorers=[{"name": "sequence-classification", "options": {"model": "x"}}])
     with pytest.raises(PipelineError, match="needs a ground-truth scorer"):
@@ -115,7 +116,7 @@ def test_a_missing_reward_model_stops_score_before_any_output(tmp_path):
 
 
 def test_proxy_and_gold_gains_by_hand():
-    from rlhf_pipeline.rewards.learned import proxy_and_gold
+    from rlhf_pipeline.learned_reward import proxy_and_gold
 
     comparison = pa.table({"prompt_id": ["a", "b"], "response_idx": [0, 0], "base_reward_ifeval": [0.0, 1.0],
                            "trained_reward_ifeval": [1.0, 1.0], "kl": [2.0, 4.0]})

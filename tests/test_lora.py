@@ -136,7 +136,7 @@ def test_qlora_without_cuda_fails_before_any_model_loads(tiny_model_dir, tmp_pat
 
 def test_a_lora_reward_model_trains_its_new_head_and_scores_as_trained(tiny_policy, tiny_model_dir, tmp_path):
     from rlhf_pipeline.objectives import RewardModelTask
-    from rlhf_pipeline.params import SequenceClassificationOptions
+    from rlhf_pipeline.rewards.sequence_classification import SequenceClassificationOptions
     from rlhf_pipeline.preferences import split_preferences
     from rlhf_pipeline.rewards.sequence_classification import load_reward_model
     from rlhf_pipeline.training import train_policy

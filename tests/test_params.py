@@ -153,7 +153,7 @@ def test_log_prob_temperature_follows_sampling_unless_allowed():
         ({"seed": -1}, "seed"),
         ({"reward": {"scorers": []}}, "reward.scorers"),
         ({"reward": {"scorers": [{"name": "ifeval"}, {"name": "ifeval"}]}}, "reward.scorers"),
-        ({"reward": {"scorers": [{"name": "bleu"}]}}, "reward.scorers.0"),
+        ({"reward": {"scorers": [{"name": "bleu"}]}}, "reward.scorers.0.name"),
         ({"reward": {"scorers": [{"name": "sequence-classification"}]}},
          "reward.scorers.0.options"),
         ({"reward": {"scorers": [{"name": "sequence-classification", "options": {"model": "m", "batch_size": 0}}]}},
@@ -166,8 +166,10 @@ def test_log_prob_temperature_follows_sampling_unless_allowed():
     ],
 )
 def test_rejected_values_name_their_key(raw, key):
-    with pytest.raises(PipelineError) as exc:
-        parse_params(full(raw))
+    from rlhf_pipeline.params import check_plugins
+
+    with pytest.raises(PipelineError) as exc:  # a scorer's keys are its plugin's Params' (check_plugins)
+        check_plugins(parse_params(full(raw)), scorers=True)
     assert f"params.yaml: {key}:" in str(exc.value)
 
 
@@ -177,8 +179,10 @@ def test_rejected_values_name_their_key(raw, key):
                                        "reward.scorers.0.options.x"),
                                       ({"data": {"split": "train", "shuffle": True}}, "data.shuffle")])
 def test_unknown_keys_are_named(raw, key):
+    from rlhf_pipeline.params import check_plugins
+
     with pytest.raises(PipelineError, match=f"unknown key {key}$"):
-        parse_params(full(raw))
+        check_plugins(parse_params(full(raw)), scorers=True)
 
 
 def test_all_errors_in_one_message():

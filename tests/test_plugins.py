@@ -1,6 +1,6 @@
-"""Adding an objective from a file outside the package (docs/extending.md): tests/plugins/
-hinge_objective.py, listed in params.yaml's ``plugins``, is read, checked, trained and tracked as
-a built-in objective is, and nothing in the package names it."""
+"""Adding an objective or a scorer from a file outside the package (docs/extending.md): tests/plugins/
+hinge_objective.py and words_scorer.py, listed in params.yaml's ``plugins``, are read, checked,
+trained on (scored with) and tracked as built-in ones are, and nothing in the package names them."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from test_training import reference, run_training, synthetic_pairs
 
 from rlhf_pipeline.errors import PipelineError
 from rlhf_pipeline.params import TrainParams, check_plugins, parse_params
-from rlhf_pipeline.registry import OBJECTIVES
+from rlhf_pipeline.registry import OBJECTIVES, SCORERS
 
 PLUGIN = "tests/plugins/hinge_objective.py"
 COMMITTED = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
@@ -92,3 +92,50 @@ def test_the_generated_dvc_yaml_lists_an_outside_plugin_file():
     deps = plugin_deps((OBJECTIVE,), params=params)
     assert PLUGIN in deps and "rlhf_pipeline/objectives/${train.objective.name}.py" in deps
     assert "rlhf_pipeline/objectives/dpo.py" not in deps
+
+
+SCORER_PLUGIN = "tests/plugins/words_scorer.py"
+
+
+@pytest.fixture
+def words_scorer():
+    raw = copy.deepcopy(COMMITTED)
+    raw["plugins"] = [str(REPO / SCORER_PLUGIN)]
+    raw["reward"]["scorers"] = [{"name": "ifeval", "weight": 1.0},
+                                {"name": "response-words", "weight": 0.5, "options": {"cap": 4}}]
+    yield raw
+    SCORERS.unregister("response-words")
+
+
+def test_a_scorer_outside_the_package_is_checked_and_weighted_into_the_reward(words_scorer):
+    """The toy scorer's column and weight enter the reward beside IFEval's; its keys are checked by
+    its own Params in the first stage's check (check_plugins with scorers)."""
+    from test_rewards import custom_prompts
+
+    from rlhf_pipeline.rewards import score_responses
+
+    params = parse_params(words_scorer)
+    check_plugins(params, scorers=True)
+    assert "response-words" not in SCORERS.builtin_names() and SCORERS.module_file("response-words") == REPO / SCORER_PLUGIN
+    prompts = custom_prompts([("p", "Answer without commas.", ["punctuation:no_comma"], [{}])])
+    rows = [("p", 0, "one two"), ("p", 1, "one, two three four five")]
+    table, facts = score_responses(rows, prompts, params.reward, progress=False)
+    # ifeval: 1 then 0 (a comma); words: 2/4 then min(5, 4)/4 = 1; reward = 1·ifeval + 0.5·words
+    assert table.column("reward_response_words").to_pylist() == [0.5, 1.0]
+    assert table.column("reward").to_pylist() == [1.0 + 0.25, 0.0 + 0.5]
+    assert facts["response-words_cap"] == 4
+    bad = copy.deepcopy(words_scorer)
+    bad["reward"]["scorers"][1]["options"] = {"cap": 0}
+    with pytest.raises(PipelineError, match=r"params.yaml: reward.scorers.1.options.cap: Input should be greater than 0"):
+        check_plugins(parse_params(bad), scorers=True)
+
+
+def test_the_generated_dvc_yaml_lists_an_outside_scorer_file():
+    from stages.dag import SCORER, plugin_deps
+
+    params = copy.deepcopy(COMMITTED)
+    params["plugins"] = [SCORER_PLUGIN]
+    deps = plugin_deps((SCORER,), params=params)
+    # a list cannot be templated: every built-in scorer file, and the outside one
+    assert {SCORER_PLUGIN, "rlhf_pipeline/rewards/ifeval.py", "rlhf_pipeline/rewards/sequence_classification.py"} <= deps
+    assert not any("${" in d for d in deps)

@@ -121,7 +121,7 @@ def test_reward_model_task_rejects_empty_input():
 
 
 def test_a_tiny_reward_model_learns_the_preference_and_scores_as_trained(tiny_policy, tiny_model_dir, tmp_path):
-    from rlhf_pipeline.params import SequenceClassificationOptions
+    from rlhf_pipeline.rewards.sequence_classification import SequenceClassificationOptions
     from rlhf_pipeline.rewards.sequence_classification import load_reward_model, score
     from rlhf_pipeline.training import train_policy
 

@@ -7,7 +7,7 @@ from conftest import build_reward_model
 from rlhf_pipeline.data import load_ifeval, split_prompts
 from rlhf_pipeline.errors import PipelineError
 from rlhf_pipeline.params import RewardParams
-from rlhf_pipeline.rewards import Scorers, penalize_missing_eos, reward_summary, score_responses, scorer_registry
+from rlhf_pipeline.rewards import Scorers, penalize_missing_eos, reward_summary, score_responses
 from rlhf_pipeline.rewards.ifeval import check_instructions, instruction_registry
 
 
@@ -156,13 +156,25 @@ def test_responses_for_unknown_prompts():
         score_responses([("zz", 0, "x")], ifeval_prompts(2), RewardParams())
 
 
-def test_every_scorer_in_the_params_schema_is_registered():
-    import typing
+def test_every_scorer_file_registers_the_scorer_it_is_named_for():
+    """A built-in scorer's name is its file's ('-' written '_'); getting it imports that file only."""
+    from rlhf_pipeline.registry import SCORERS, plugin_name
 
-    from rlhf_pipeline.params import Scorer
+    assert SCORERS.builtin_names() == ["ifeval", "sequence-classification"]
+    for name in SCORERS.builtin_names():
+        cls = SCORERS.get(name, "reward.scorers.0.name")
+        assert plugin_name(cls.Params) == name
+        assert SCORERS.module_file(name).name == name.replace("-", "_") + ".py"
+        assert cls.__module__ == f"rlhf_pipeline.rewards.{name.replace('-', '_')}"
 
-    members = typing.get_args(typing.get_args(Scorer)[0])
-    assert {typing.get_args(m.model_fields["name"].annotation)[0] for m in members} == set(scorer_registry())
+
+def test_a_bad_scorer_key_is_named_before_scoring():
+    with pytest.raises(PipelineError, match=r"reward\.scorers\.0\.weight"):
+        Scorers(RewardParams(scorers=[{"name": "ifeval", "weight": "high"}]))
+    with pytest.raises(PipelineError, match=r"reward\.scorers\.1\.options\.model"):
+        Scorers(RewardParams(scorers=[{"name": "ifeval"}, {"name": "sequence-classification", "options": {}}]))
+    with pytest.raises(Exception, match="no scorer named 'bleu'"):
+        RewardParams(scorers=[{"name": "bleu"}])
 
 
 def test_a_reward_model_is_loaded_once_per_stage(tiny_reward_model_dir, monkeypatch):

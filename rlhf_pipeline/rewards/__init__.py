@@ -1,8 +1,11 @@
-"""Scoring responses (REBEL recipe, part 2): one module per scorer (a class registered in
-:func:`scorer_registry` under its params name), combined here.
+"""Scoring responses (REBEL recipe, part 2): one file per scorer in this package, combined here.
 
 The reward of a response is the weighted sum of its scorers' values (``reward.scorers``); each
-scorer's raw value is kept in its own ``reward_<name>`` column.
+scorer's raw value is kept in its own ``reward_<name>`` column. A scorer is a :class:`Scorer`
+subclass with its params model as ``Params`` (a :class:`ScorerParams` with ``name:
+Literal['<name>']``), registered with ``@SCORERS.register`` (``rlhf_pipeline.registry``) in
+``rewards/<name>.py`` (``-`` written ``_``); this module never imports one, the registry imports
+those ``reward.scorers`` names (docs/extending.md).
 """
 
 from __future__ import annotations
@@ -12,9 +15,11 @@ import statistics
 import time
 
 import pyarrow as pa
+from pydantic import Field
 
 from rlhf_pipeline.errors import PipelineError
-from rlhf_pipeline.params import RewardParams
+from rlhf_pipeline.params import Number, RewardParams, Section
+from rlhf_pipeline.registry import SCORERS
 
 
 def reward_column(scorer_name: str) -> str:
@@ -23,25 +28,49 @@ def reward_column(scorer_name: str) -> str:
     return "reward_" + scorer_name.replace("-", "_")
 
 
-def scorer_registry() -> dict[str, type]:
-    """``reward.scorers[].name`` -> scorer class. A scorer class is built from its params model and
-    has ``validate(prompts, where)``, ``score(prompts_by_id, [(prompt_id, response)], progress) ->
-    (columns, facts)`` (its ``reward_<name>`` column among them) and ``summarise(table) -> dict``.
-    Every member of ``params.Scorer`` has one (tested)."""
-    from rlhf_pipeline.rewards.ifeval import IFEval
-    from rlhf_pipeline.rewards.sequence_classification import SequenceClassification
+class ScorerParams(Section):
+    """What every scorer's ``Params`` has besides its ``name``: its weight in the reward."""
 
-    return {"ifeval": IFEval, "sequence-classification": SequenceClassification}
+    weight: Number = Field(1.0, description="the reward is the weighted sum of the scorers' values")
+
+
+class Scorer:
+    """A scorer of ``reward.scorers``, built from its validated ``Params`` (``cfg``).
+
+    ``score`` returns ``(columns, facts)``: ``columns`` maps column names to arrays aligned with
+    ``rows`` and holds :func:`reward_column` of the scorer's name (float, finite); ``facts`` go to
+    the stage's metrics file prefixed by the name. ``validate`` raises ``PipelineError`` naming
+    what the prompt table lacks, before any scoring; ``summarise`` gives the scorer's own figures
+    over a scored table (IFEval's accuracies)."""
+
+    Params: type
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def validate(self, prompts: pa.Table, where: str) -> None:
+        """Nothing beyond ``prompt_id`` and ``prompt`` by default."""
+
+    def score(self, prompts: dict[str, dict], rows: list[tuple[str, str]], progress: bool = True
+              ) -> tuple[dict[str, pa.Array], dict]:
+        """Score ``(prompt_id, response)`` rows; ``prompts``: prompt rows by id."""
+        raise NotImplementedError
+
+    def summarise(self, table: pa.Table) -> dict:
+        """No figures of its own by default."""
+        return {}
 
 
 class Scorers:
     """The configured scorers of ``reward.scorers``, built once per stage (a reward model is loaded
     on first use and kept), combined into one reward: the weighted sum of their values."""
 
-    def __init__(self, cfg: RewardParams):
-        registry = scorer_registry()
+    def __init__(self, cfg: RewardParams, source: str = "params.yaml"):
+        """Raises:
+            PipelineError: an unknown scorer or a bad key of one (``reward.scorers[i].key``)."""
         self.cfg = cfg
-        self.scorers = [(s, registry[s.name](s)) for s in cfg.scorers]
+        built = [SCORERS.build(s, f"reward.scorers.{i}", source) for i, s in enumerate(cfg.scorers)]
+        self.scorers = [(scorer.cfg, scorer) for scorer in built]
 
     def validate(self, prompts: pa.Table, where: str) -> None:
         """Check, before any scoring, that every scorer has the prompt columns it needs.
@@ -58,11 +87,6 @@ class Scorers:
         for _, scorer in self.scorers:
             out.update(scorer.summarise(table))
         return out
-
-
-def validate_scorers(cfg: RewardParams, prompts: pa.Table, where: str) -> None:
-    """:meth:`Scorers.validate` for ``cfg`` (no model is loaded)."""
-    Scorers(cfg).validate(prompts, where)
 
 
 def score_responses(rows: list[tuple[str, int, str]], prompts: pa.Table, scorers: Scorers | RewardParams,

@@ -21,10 +21,14 @@ import functools
 import json
 import random
 import types
+from typing import Literal
 
 import pyarrow as pa
 
 from rlhf_pipeline.errors import PipelineError
+from rlhf_pipeline.params import Section
+from rlhf_pipeline.registry import SCORERS
+from rlhf_pipeline.rewards import Scorer, ScorerParams
 
 #: Prompt-table columns this scorer needs (written by prepare_prompts for data.source: ifeval).
 REQUIRED_COLUMNS = ("instruction_id_list", "kwargs")
@@ -148,15 +152,23 @@ def score(prompts: dict[str, dict], rows: list[tuple[str, str]]) -> dict[str, pa
     return {k: pa.array(v, types[k]) for k, v in cols.items()}
 
 
-class IFEval:
+class IFEvalOptions(Section):
+    """The ``ifeval`` scorer takes no options."""
+
+
+@SCORERS.register
+class IFEval(Scorer):
     """The ``ifeval`` scorer (``reward.scorers: [{name: ifeval}]``): verifiable instruction following.
 
     Reward: the loose fraction of the prompt's instructions followed, in [0, 1] (Zhou et al. 2023,
     IFEval, "loose" accuracy). Needs the prompt file's ``instruction_id_list`` and ``kwargs``.
     """
 
-    def __init__(self, cfg):
-        self.cfg = cfg
+    class Params(ScorerParams):
+        """Verifiable instruction-following reward (IFEval checkers, loose fraction followed)."""
+
+        name: Literal["ifeval"]
+        options: IFEvalOptions = IFEvalOptions()
 
     def validate(self, prompts: pa.Table, where: str) -> None:
         validate(prompts, where)

@@ -9,16 +9,33 @@ template; conversations are batched by length, bf16 where the device computes it
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 import pyarrow as pa
 import torch
+from pydantic import Field
 from tqdm.auto import tqdm
 
 from rlhf_pipeline.chat import chat_messages, chat_token_ids
 from rlhf_pipeline.errors import PipelineError
-from rlhf_pipeline.params import SequenceClassificationOptions
+from rlhf_pipeline.params import Bool, Dtype, Int, Section
+from rlhf_pipeline.registry import SCORERS
+from rlhf_pipeline.rewards import Scorer, ScorerParams
 
 log = logging.getLogger(__name__)
+
+
+class SequenceClassificationOptions(Section):
+    """A reward model loaded with ``AutoModelForSequenceClassification``."""
+
+    model: str = Field(..., min_length=1, description="Hub id or local folder, e.g. RLHFlow/ArmoRM-Llama3-8B-v0.1")
+    revision: str | None = None
+    trust_remote_code: Bool = False
+    score_attribute: str | None = Field(
+        None, description="output attribute holding the reward (ArmoRM: 'score'); default: the one logit")
+    batch_size: Int = Field(8, gt=0, description="conversations per forward pass")
+    max_length: Int = Field(4096, gt=0, description="tokens; longer conversations are truncated (counted)")
+    dtype: Dtype = "auto"
 
 
 def load_reward_model(opts: SequenceClassificationOptions, device: torch.device):
@@ -57,16 +74,22 @@ def conversation_ids(tokenizer, prompt: str, response: str) -> list[int]:
     return chat_token_ids(tokenizer, [*chat_messages(prompt), {"role": "assistant", "content": response}])
 
 
-class SequenceClassification:
+@SCORERS.register
+class SequenceClassification(Scorer):
     """The ``sequence-classification`` scorer: a reward model's scalar for the (prompt, response)
-    conversation. The model is loaded on the first :meth:`score` and kept for the stage's later calls."""
+    conversation (nothing needed beyond ``prompt``). The model is loaded on the first :meth:`score`
+    and kept for the stage's later calls."""
+
+    class Params(ScorerParams):
+        """A reward model's scalar output for the (prompt, response) conversation."""
+
+        name: Literal["sequence-classification"]
+        options: SequenceClassificationOptions
 
     def __init__(self, cfg):
+        super().__init__(cfg)
         self.opts: SequenceClassificationOptions = cfg.options
         self._loaded = None
-
-    def validate(self, prompts: pa.Table, where: str) -> None:
-        """Nothing beyond ``prompt``: the conversation is the prompt text and the response."""
 
     def score(self, prompts: dict[str, dict], rows: list[tuple[str, str]], progress: bool = True
               ) -> tuple[dict[str, pa.Array], dict]:
@@ -77,9 +100,6 @@ class SequenceClassification:
             device = default_device()
             self._loaded = (*load_reward_model(self.opts, device), device)
         return score(prompts, rows, self.opts, *self._loaded, progress=progress)
-
-    def summarise(self, table: pa.Table) -> dict:
-        return {}
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from rlhf_pipeline.errors import PipelineError
 from rlhf_pipeline.intervals import bootstrap_mean_ci
-from rlhf_pipeline.params import RewardParams, SequenceClassificationOptions, SequenceClassificationScorer
+from rlhf_pipeline.params import RewardParams, ScorerChoice
 from rlhf_pipeline.rewards import reward_column
 
 PROXY = "sequence-classification"
@@ -29,8 +29,7 @@ PROXY = "sequence-classification"
 def proxy_params(model_dir: str) -> RewardParams:
     """The reward model at ``model_dir`` as the one scorer (weight 1, default options: one logit,
     batches of 8 conversations, the device's dtype policy), no missing-EOS penalty."""
-    proxy = SequenceClassificationScorer(name=PROXY, weight=1.0,
-                                         options=SequenceClassificationOptions(model=str(model_dir)))
+    proxy = ScorerChoice(name=PROXY, weight=1.0, options={"model": str(model_dir)})
     return RewardParams(scorers=[proxy], missing_eos_penalty=None)
 
 
@@ -47,7 +46,7 @@ def learned_reward_params(cfg: RewardParams, model_dir: str) -> RewardParams:
     Raises:
         PipelineError: no other scorer is left to check the proxy against.
     """
-    gold = [s.model_copy(update={"weight": 0.0}) for s in cfg.scorers if s.name != PROXY]
+    gold = [ScorerChoice(**{**s.model_dump(), "weight": 0.0}) for s in cfg.scorers if s.name != PROXY]
     if not gold:
         raise PipelineError("reward.scorers: a learned reward model needs a ground-truth scorer to be checked "
                             "against (e.g. ifeval); only sequence-classification is configured")
