@@ -27,6 +27,9 @@ from rlhf_pipeline.schemas import GENERATIONS
 
 log = logging.getLogger(__name__)
 
+VLLM_MISSING = ("backend 'vllm' (generate.backend, online.backend): vLLM is not installed in this environment; "
+                "make venv-vllm (envs/README.md)")
+
 
 
 def response_token_ids(new_tokens: list[int], stop_ids: set[int] | list[int]) -> tuple[list[int], str]:
@@ -145,7 +148,7 @@ def vllm_engine(model_dir: str | os.PathLike, dtype: str, seed: int, tensor_para
     try:
         from vllm import LLM
     except ImportError:
-        raise PipelineError("generate.backend: 'vllm' is not installed here; see envs/README.md") from None
+        raise PipelineError(VLLM_MISSING) from None
     options = {} if torch.cuda.is_available() else {"enable_chunked_prefill": False}
     key, old = "VLLM_ENABLE_V1_MULTIPROCESSING", os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
     if in_process:
@@ -215,7 +218,7 @@ def generate_vllm(model_dir: str | os.PathLike, tokenizer, prompts: list[tuple[s
     try:
         from vllm import SamplingParams as VllmSamplingParams
     except ImportError:
-        raise PipelineError("generate.backend: 'vllm' is not installed here; see envs/README.md") from None
+        raise PipelineError(VLLM_MISSING) from None
     if llm is None:
         llm = vllm_engine(model_dir, dtype, seed, cfg.tensor_parallel_size, cfg.gpu_memory_utilization)
     stop_ids = stop_token_ids(tokenizer, llm.llm_engine.model_config.hf_config)

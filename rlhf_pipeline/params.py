@@ -343,6 +343,13 @@ class OnlineParams(OptimizerParams):
     top_p: Number = Field(1.0, gt=0, le=1, description="1.0: the policy's own distribution, which the "
                           "policy-gradient estimators assume")
     generation_batch_size: Int = Field(64, gt=0, description="sequences decoded together")
+    backend: Literal["transformers", "vllm"] = Field(
+        "transformers", description="rollout sampler: the stage's (transformers) or vLLM, an engine in the stage's "
+        "process into which the policy's weights are synced before every rollout step (TRL's colocate mode; "
+        "make venv-vllm). On a 2-core CPU it does not pay (docs/gpu.md)")
+    vllm_gpu_memory_utilization: Number = Field(
+        0.3, gt=0, le=1, description="backend vllm: the share of the device's memory vLLM reserves for its KV cache "
+        "(on a CPU: of host memory), beside the policy being trained (TRL's default for colocate)")
     logprob_batch_size: Int = Field(8, gt=0, description="sequences per no-grad forward pass (log-probs, values)")
     learning_rate: Number = Field(3e-5, gt=0)
     per_device_train_batch_size: Int = Field(4, ge=1, description="examples per micro-batch")

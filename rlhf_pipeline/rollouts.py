@@ -115,7 +115,8 @@ def rollouts_from_table(table: pa.Table, prompt_tokens: dict[str, list[int]]) ->
 
 
 def collect_rollouts(policy, reference, tokenizer, prompts: pa.Table, sampling, scorers, seed: int, step: int,
-                     missing_eos_penalty: float | None, logprob_batch_size: int, progress: bool = False) -> Rollouts:
+                     missing_eos_penalty: float | None, logprob_batch_size: int, progress: bool = False,
+                     engine=None) -> Rollouts:
     """Sample, score and take the log-probs of one rollout step.
 
     Args:
@@ -127,23 +128,31 @@ def collect_rollouts(policy, reference, tokenizer, prompts: pa.Table, sampling, 
         scorers: ``rewards.Scorers``, built once per stage.
         seed, step: the responses' seeds derive from both (:func:`step_seed`).
         missing_eos_penalty: subtracted from the reward of a response cut at ``max_new_tokens``.
+        engine: an in-process vLLM engine (``online.backend: vllm``): the policy's weights are
+            synced into it (``generation.sync_vllm_weights``) and it samples, with the same seeds
+            and token rule; None: the stage's sampler on ``policy``.
 
     Raises:
         PipelineError: no prompts, a scorer lacking what it needs, a non-finite reward.
     """
     from rlhf_pipeline.chat import prompt_token_ids
-    from rlhf_pipeline.generation import generate_transformers
+    from rlhf_pipeline.generation import generate_transformers, generate_vllm, sync_vllm_weights
     from rlhf_pipeline.logprobs import batched_token_logprobs
     from rlhf_pipeline.rewards import penalize_missing_eos, score_responses
 
     if prompts.num_rows == 0:
         raise PipelineError(f"rollout step {step}: no prompts")
     texts = dict(zip(prompts.column("prompt_id").to_pylist(), prompts.column("prompt").to_pylist()))
-    was_training = policy.training
-    policy.eval()
-    responses = generate_transformers(policy, tokenizer, sorted(texts.items()), sampling, step_seed(seed, step),
-                                      progress=progress)
-    policy.train(was_training)
+    if engine is not None:
+        sync_vllm_weights(engine, policy)
+        responses = generate_vllm(None, tokenizer, sorted(texts.items()), sampling, step_seed(seed, step),
+                                  sampling.dtype, llm=engine)
+    else:
+        was_training = policy.training
+        policy.eval()
+        responses = generate_transformers(policy, tokenizer, sorted(texts.items()), sampling, step_seed(seed, step),
+                                          progress=progress)
+        policy.train(was_training)
     responses.sort(key=lambda r: (r.prompt_id, r.response_idx))
     rows = [(r.prompt_id, r.response_idx, r.response) for r in responses]
     scored, _ = score_responses(rows, prompts, scorers, f"rollout step {step}", progress=progress)

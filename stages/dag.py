@@ -408,7 +408,7 @@ def online_dag() -> list[Stage]:
     wdir, each = "..", "${online.algorithms}"
     shared = ("online.rollout_steps", "online.prompts_per_step", "online.num_responses", "online.num_ppo_epochs",
               "online.max_new_tokens", "online.temperature", "online.top_p", "online.generation_batch_size",
-              "online.logprob_batch_size")
+              "online.backend", "online.vllm_gpu_memory_utilization", "online.logprob_batch_size")
     return [
         Stage("online_train", "online_train",
               (Arg("--algorithm", "${key}"), In("--policy", "models/base"), In("--reference", "models/base"),

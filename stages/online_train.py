@@ -50,13 +50,22 @@ def main(argv=None) -> None:
         raise PipelineError(f"online.per_device_train_batch_size: a minibatch of {minibatch} examples "
                             f"(x gradient_accumulation_steps x {world} processes) must divide the {per_step} "
                             f"{unit} of a rollout step (prompts_per_step x num_responses)")
+    if cfg.backend == "vllm" and world > 1:
+        raise PipelineError(f"online.backend: vllm runs one engine beside one training process, not {world}; "
+                            "use backend transformers with several processes")
     tok = load_tokenizer(args.policy)
     device = default_device()
     reference = load_policy(args.reference, resolve_dtype(cfg.dtype, device), device).eval()
     for p in reference.parameters():
         p.requires_grad_(False)
+    engine = None
+    if cfg.backend == "vllm":
+        from rlhf_pipeline.generation import vllm_engine
+
+        engine = vllm_engine(args.policy, cfg.dtype, params.seed,
+                             gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, in_process=True)
     task = OnlineTask(objective, prompts, tok, reference, scorers, cfg, params.reward.missing_eos_penalty,
-                      params.seed, args.prompts, progress=is_main_process())
+                      params.seed, args.prompts, progress=is_main_process(), engine=engine)
     # this algorithm's settings only (a change to another's does not void this checkpoint), and the
     # episodes that the rollout keys give
     train_cfg = OnlineParams.model_validate({**cfg.model_dump(exclude={"algorithms"}),

@@ -110,7 +110,7 @@ def test_vllm_missing_is_a_clear_error(tiny_model_dir, monkeypatch):
     from rlhf_pipeline.models import load_tokenizer
 
     monkeypatch.setitem(sys.modules, "vllm", None)
-    with pytest.raises(PipelineError, match="generate.backend: 'vllm' is not installed"):
+    with pytest.raises(PipelineError, match=r"backend 'vllm' \(generate.backend, online.backend\): vLLM is not installed"):
         generate_vllm(tiny_model_dir, load_tokenizer(tiny_model_dir), PROMPTS, GenerateParams(backend="vllm"), 0, "auto")
 
 

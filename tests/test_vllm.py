@@ -184,3 +184,84 @@ def test_a_weight_sync_needs_an_engine_in_this_process(engine, vllm_model_dir):
 
     with pytest.raises(PipelineError, match="must run in this process"):
         sync_vllm_weights(engine, load_policy(vllm_model_dir, torch.float32, torch.device("cpu")))
+
+
+@pytest.fixture(scope="module")
+def peaked_vllm_model_dir(raw_tiny_model_dir, tmp_path_factory):
+    """A tiny Llama vLLM's CPU attention accepts, with peaked next-token distributions (weights of
+    std 1.0), so that a reward on one word is learnable in a few online steps (tests/test_online.py)."""
+    from transformers import LlamaForCausalLM
+
+    from rlhf_pipeline.models import prepare_base_model
+
+    raw = tmp_path_factory.mktemp("raw_peaked_vllm")
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config(hidden_size=128, intermediate_size=256, num_attention_heads=2,
+                                       num_key_value_heads=1, initializer_range=1.0)).save_pretrained(raw)
+    for f in raw_tiny_model_dir.iterdir():
+        if "token" in f.name or f.name.endswith(".jinja"):
+            (raw / f.name).write_bytes(f.read_bytes())
+    out = tmp_path_factory.mktemp("peaked_vllm") / "base"
+    prepare_base_model(str(raw), out)
+    return out
+
+
+def test_online_rollouts_sampled_by_vllm_learn_and_rerun_to_the_same_bytes(peaked_vllm_model_dir, tmp_path,
+                                                                           monkeypatch):
+    """``online.backend: vllm``: every rollout step syncs the current policy into the engine, RLOO
+    raises a learnable reward (a word the base policy writes in about a quarter of its responses)
+    from vLLM's samples, and a second run on the same engine writes the same rollouts and weights."""
+    from collections import Counter
+    from types import SimpleNamespace
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from test_online import PROMPTS as ONLINE_PROMPTS
+    from test_online import online_cfg
+
+    from rlhf_pipeline import generation
+    from rlhf_pipeline.models import load_policy, load_tokenizer
+    from rlhf_pipeline.online import OnlineTask
+    from rlhf_pipeline.registry import ONLINE_ALGORITHMS
+    from rlhf_pipeline.training import inputs_fingerprint, train_policy
+
+    llm = vllm_engine(peaked_vllm_model_dir, "float32", seed=0, gpu_memory_utilization=0.1, in_process=True)
+    tok = load_tokenizer(peaked_vllm_model_dir)
+    texts = list(zip(ONLINE_PROMPTS.column("prompt_id").to_pylist(), ONLINE_PROMPTS.column("prompt").to_pylist()))
+    probe = generate_vllm(None, tok, texts, SamplingParams(num_responses=8, max_new_tokens=8, temperature=1.0,
+                                                           top_p=1.0), 5, "float32", llm=llm)
+    counts = Counter(w for r in probe for w in set(r.response.split()))
+    target = min(counts, key=lambda w: (abs(counts[w] - len(probe) / 4), w))
+
+    class ContainsWord:
+        def __init__(self):
+            self.scorers = [(SimpleNamespace(name="contains", weight=1.0), self)]
+
+        def validate(self, prompts, where):
+            pass
+
+        def score(self, by_id, rows, progress):
+            return {"reward_contains": pa.array([float(target in r.split()) for _, r in rows], pa.float64())}, {}
+
+    syncs = []
+    real_sync = generation.sync_vllm_weights
+    monkeypatch.setattr(generation, "sync_vllm_weights", lambda engine, model: syncs.append(1) or real_sync(engine, model))
+    cfg = online_cfg(algorithms={"rloo": {"name": "rloo", "kl_coef": 0.01}}, backend="vllm", rollout_steps=6)
+
+    def run(out):
+        reference = load_policy(peaked_vllm_model_dir, torch.float32, torch.device("cpu"))
+        task = OnlineTask(ONLINE_ALGORITHMS.build(cfg.algorithms["rloo"], "online.algorithms.rloo"), ONLINE_PROMPTS,
+                          tok, reference, ContainsWord(), cfg, None, 11, "test prompts", engine=llm)
+        train_cfg = cfg.model_copy(update={"total_episodes": task.total_episodes()})
+        fingerprint = inputs_fingerprint([peaked_vllm_model_dir / "model.safetensors"], cfg, 11, cfg.temperature)
+        rows, _ = train_policy(peaked_vllm_model_dir, task, train_cfg, 11, out / "policy", out / "ckpt", fingerprint,
+                               progress=False)
+        return task.rollouts_table(), rows, (out / "policy" / "model.safetensors").read_bytes()
+
+    first = run(tmp_path / "a")
+    assert len(syncs) == cfg.rollout_steps
+    rewards = [sum(first[0].filter(pc.equal(first[0].column("step"), s)).column("reward").to_pylist())
+               for s in range(cfg.rollout_steps)]
+    assert rewards[-1] > rewards[0] and max(rewards[-2:]) >= 2 * max(1.0, rewards[0]), (target, rewards)
+    second = run(tmp_path / "b")
+    assert second[0].equals(first[0]) and second[2] == first[2]

@@ -194,6 +194,9 @@ class OnlineTask(TrainingTask):
         objective: the chosen plugin (``registry.ONLINE_ALGORITHMS``). prompts: the train prompts (``schemas.PROMPTS``
             and what the scorers need). reference: π_ref (eval mode, no grad). scorers:
             ``rewards.Scorers``. cfg: ``params.OnlineParams``. missing_eos_penalty: ``reward``'s.
+        engine: for ``online.backend: vllm``, an in-process vLLM engine on the starting policy
+            (``generation.vllm_engine(..., in_process=True)``); every rollout step syncs the
+            current weights into it first, so a resumed run samples as an uninterrupted one.
 
     Raises:
         PipelineError: fewer prompts than one step needs.
@@ -203,14 +206,14 @@ class OnlineTask(TrainingTask):
     limit_keys = "online.max_new_tokens"
 
     def __init__(self, objective: OnlineObjective, prompts: pa.Table, tokenizer, reference, scorers, cfg,
-                 missing_eos_penalty: float | None, seed: int, where: str, progress: bool = False):
+                 missing_eos_penalty: float | None, seed: int, where: str, progress: bool = False, engine=None):
         from rlhf_pipeline.chat import prompt_token_ids
         from rlhf_pipeline.params import SamplingParams
 
         if prompts.num_rows < cfg.prompts_per_step:
             raise PipelineError(f"online.prompts_per_step: {cfg.prompts_per_step} prompts per step, but {where} has "
                                 f"{prompts.num_rows}")
-        self.objective, self.cfg, self.seed, self.progress = objective, cfg, seed, progress
+        self.objective, self.cfg, self.seed, self.progress, self.engine = objective, cfg, seed, progress, engine
         self.name = objective.cfg.name
         self.metric_names = (*ROLLOUT_METRICS, *objective.metric_names)
         self.prompts = prompts.sort_by("prompt_id")
@@ -271,7 +274,7 @@ class OnlineTask(TrainingTask):
         chunk = self.step_prompts[step]
         r = collect_rollouts(self.policy_of(model), self.reference, self.tokenizer, self.prompts.take(sorted(chunk)),
                              self.sampling, self.scorers, self.seed, step, self.missing_eos_penalty,
-                             self.cfg.logprob_batch_size, progress=self.progress)
+                             self.cfg.logprob_batch_size, progress=self.progress, engine=self.engine)
         values = self._values(model, r) if self.objective.needs_value_model else None
         self._set_step(r, values, self.kl_controller.beta)
         self.kl_controller.update(float(r.kl.mean()), len(r.prompt_ids))
