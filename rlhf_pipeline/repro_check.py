@@ -121,10 +121,14 @@ def merged(base: dict, overrides: dict) -> dict:
     """``base`` with ``overrides`` merged in: mappings key by key, everything else replaced. A
     mapping that names another variant of a tagged union (its ``name`` differs from the base's, e.g.
     ``train.objective: {name: dpo, beta: 0.1}`` over REBEL's) replaces it whole: REBEL's keys are
-    not DPO's."""
+    not DPO's. A null over a mapping removes the key (``iterations: {iter_2: null}`` keeps one
+    iteration); a null over anything else is the value null (``benchmark.num_prompts: null``)."""
     out = dict(base)
     for key, value in overrides.items():
         old = out.get(key)
+        if value is None and isinstance(old, dict):
+            del out[key]
+            continue
         same_variant = isinstance(old, dict) and isinstance(value, dict) and \
             value.get("name", old.get("name")) == old.get("name")
         out[key] = merged(old, value) if same_variant else value

@@ -23,16 +23,17 @@ PROMPTS = pa.table({"prompt_id": [f"p{i}" for i in range(8)],
 
 
 class ContainsTarget:
-    """A scorer set with one verifiable reward: 1.0 when the response contains :data:`TARGET`."""
+    """A scorer set with one verifiable reward: 1.0 when the response contains ``target``."""
 
-    def __init__(self):
+    def __init__(self, target: str = TARGET):
+        self.target = target
         self.scorers = [(SimpleNamespace(name="contains", weight=1.0), self)]
 
     def validate(self, prompts, where):
         pass
 
     def score(self, by_id, texts, progress):
-        return {"reward_contains": pa.array([float(TARGET in text) for _, text in texts], pa.float64())}, {}
+        return {"reward_contains": pa.array([float(self.target in text) for _, text in texts], pa.float64())}, {}
 
 
 @pytest.fixture(scope="module")

@@ -52,6 +52,10 @@ def test_a_profile_switching_the_objective_replaces_it_and_keeps_other_keys():
                                                                        "learning_rate": 6e-5}
     assert merged(base, {"objective": {"eta": 2.0}})["objective"] == {"name": "rebel", "eta": 2.0}
     assert merged({"a": {"x": 1, "y": 2}}, {"a": {"y": 3}}) == {"a": {"x": 1, "y": 3}}
+    # a null removes a mapping (one iteration fewer) and is the value null otherwise
+    its = {"iterations": {"iter_1": {"prev": "base"}, "iter_2": {"prev": "iter_1"}}, "n": 16}
+    assert merged(its, {"iterations": {"iter_2": None}, "n": None}) == {"iterations": {"iter_1": {"prev": "base"}},
+                                                                        "n": None}
     # Every committed comparison profile is valid over the committed params.yaml.
     profiles = sorted((REPO / "envs" / "compare").glob("*.yaml"))
     assert {p.stem for p in profiles} >= {"dpo", "grpo", "rs_sft"}

@@ -30,24 +30,28 @@ PROMPTS = [(f"p{i}", text) for i, text in enumerate([
     "Write a title in double angular brackets, such as <<title>>."])]
 
 
-@pytest.fixture(scope="module")
-def vllm_model_dir(raw_tiny_model_dir, tmp_path_factory):
+def vllm_tiny_model(raw_tiny_model_dir, tmp_path_factory, name: str, **config):
     """A tiny Llama vLLM's CPU attention accepts (head size 64; the shared fixture's 16 is not), with
     the shared fixture's tokenizer, prepared as models/base is."""
     from transformers import LlamaForCausalLM
 
     from rlhf_pipeline.models import prepare_base_model
 
-    raw = tmp_path_factory.mktemp("raw_vllm_model")
+    raw = tmp_path_factory.mktemp(f"raw_{name}")
     torch.manual_seed(0)
     LlamaForCausalLM(tiny_llama_config(hidden_size=128, intermediate_size=256, num_attention_heads=2,
-                                       num_key_value_heads=1)).save_pretrained(raw)
+                                       num_key_value_heads=1, **config)).save_pretrained(raw)
     for f in raw_tiny_model_dir.iterdir():
         if "token" in f.name or f.name.endswith(".jinja"):
             (raw / f.name).write_bytes(f.read_bytes())
-    out = tmp_path_factory.mktemp("vllm_base") / "base"
+    out = tmp_path_factory.mktemp(name) / "base"
     prepare_base_model(str(raw), out)
     return out
+
+
+@pytest.fixture(scope="module")
+def vllm_model_dir(raw_tiny_model_dir, tmp_path_factory):
+    return vllm_tiny_model(raw_tiny_model_dir, tmp_path_factory, "vllm_base")
 
 
 @pytest.fixture(scope="module")
@@ -188,22 +192,9 @@ def test_a_weight_sync_needs_an_engine_in_this_process(engine, vllm_model_dir):
 
 @pytest.fixture(scope="module")
 def peaked_vllm_model_dir(raw_tiny_model_dir, tmp_path_factory):
-    """A tiny Llama vLLM's CPU attention accepts, with peaked next-token distributions (weights of
-    std 1.0), so that a reward on one word is learnable in a few online steps (tests/test_online.py)."""
-    from transformers import LlamaForCausalLM
-
-    from rlhf_pipeline.models import prepare_base_model
-
-    raw = tmp_path_factory.mktemp("raw_peaked_vllm")
-    torch.manual_seed(0)
-    LlamaForCausalLM(tiny_llama_config(hidden_size=128, intermediate_size=256, num_attention_heads=2,
-                                       num_key_value_heads=1, initializer_range=1.0)).save_pretrained(raw)
-    for f in raw_tiny_model_dir.iterdir():
-        if "token" in f.name or f.name.endswith(".jinja"):
-            (raw / f.name).write_bytes(f.read_bytes())
-    out = tmp_path_factory.mktemp("peaked_vllm") / "base"
-    prepare_base_model(str(raw), out)
-    return out
+    """Peaked next-token distributions (weights of std 1.0), so that a reward on one word is
+    learnable in a few online steps (as tests/test_online.py's policy)."""
+    return vllm_tiny_model(raw_tiny_model_dir, tmp_path_factory, "peaked_vllm", initializer_range=1.0)
 
 
 def test_online_rollouts_sampled_by_vllm_learn_and_rerun_to_the_same_bytes(peaked_vllm_model_dir, tmp_path,
@@ -212,12 +203,10 @@ def test_online_rollouts_sampled_by_vllm_learn_and_rerun_to_the_same_bytes(peake
     raises a learnable reward (a word the base policy writes in about a quarter of its responses)
     from vLLM's samples, and a second run on the same engine writes the same rollouts and weights."""
     from collections import Counter
-    from types import SimpleNamespace
 
-    import pyarrow as pa
     import pyarrow.compute as pc
     from test_online import PROMPTS as ONLINE_PROMPTS
-    from test_online import online_cfg
+    from test_online import ContainsTarget, online_cfg
 
     from rlhf_pipeline import generation
     from rlhf_pipeline.models import load_policy, load_tokenizer
@@ -233,16 +222,6 @@ def test_online_rollouts_sampled_by_vllm_learn_and_rerun_to_the_same_bytes(peake
     counts = Counter(w for r in probe for w in set(r.response.split()))
     target = min(counts, key=lambda w: (abs(counts[w] - len(probe) / 4), w))
 
-    class ContainsWord:
-        def __init__(self):
-            self.scorers = [(SimpleNamespace(name="contains", weight=1.0), self)]
-
-        def validate(self, prompts, where):
-            pass
-
-        def score(self, by_id, rows, progress):
-            return {"reward_contains": pa.array([float(target in r.split()) for _, r in rows], pa.float64())}, {}
-
     syncs = []
     real_sync = generation.sync_vllm_weights
     monkeypatch.setattr(generation, "sync_vllm_weights", lambda engine, model: syncs.append(1) or real_sync(engine, model))
@@ -251,7 +230,7 @@ def test_online_rollouts_sampled_by_vllm_learn_and_rerun_to_the_same_bytes(peake
     def run(out):
         reference = load_policy(peaked_vllm_model_dir, torch.float32, torch.device("cpu"))
         task = OnlineTask(ONLINE_ALGORITHMS.build(cfg.algorithms["rloo"], "online.algorithms.rloo"), ONLINE_PROMPTS,
-                          tok, reference, ContainsWord(), cfg, None, 11, "test prompts", engine=llm)
+                          tok, reference, ContainsTarget(target), cfg, None, 11, "test prompts", engine=llm)
         train_cfg = cfg.model_copy(update={"total_episodes": task.total_episodes()})
         fingerprint = inputs_fingerprint([peaked_vllm_model_dir / "model.safetensors"], cfg, 11, cfg.temperature)
         rows, _ = train_policy(peaked_vllm_model_dir, task, train_cfg, 11, out / "policy", out / "ckpt", fingerprint,
