@@ -65,15 +65,23 @@ def test_a_profile_switching_the_objective_replaces_it_and_keeps_other_keys():
 
 @pytest.mark.parametrize("profile, record", [("envs/results.yaml", "results"),
                                              ("envs/results_3_iterations.yaml", "results/dpo_3_iterations"),
+                                             ("envs/results_128_prompts.yaml", "results/dpo_128_prompts"),
                                              *[(f"envs/compare/{n}.yaml", f"results/compare/{n}")
                                                for n in ("dpo", "grpo", "rs_sft")]])
 def test_a_committed_profile_still_gives_its_record_params(profile, record):
     """Every params value a recorded run's stages read (its locks) is what the profile gives over
-    today's params.yaml: changing the small default does not silently change a recorded run."""
+    today's params.yaml: changing the small default does not silently change a recorded run. A key
+    added to params.yaml after the record was made (not in its lock) must hold its schema default."""
     import yaml
     from conftest import REPO
 
     from rlhf_pipeline.repro_check import profile_params
+
+    from rlhf_pipeline.params import Params
+
+    defaults = Params.model_validate({"seed": 0, "iterations": {"iter_1": {"prev": "base"}},
+                                      **{k: {} for k in Params.model_fields if k not in ("seed", "iterations", "plugins")}}
+                                     ).model_dump()
 
     def plain(value):  # DVC's lock keeps PyYAML's '1e-08' strings; the profile's floats are the same number
         if isinstance(value, dict):
@@ -90,9 +98,13 @@ def test_a_committed_profile_still_gives_its_record_params(profile, record):
     for lock in locks:
         for name, stage in yaml.safe_load(lock.read_text())["stages"].items():
             for key, value in stage.get("params", {}).get("params.yaml", {}).items():
-                node = params
+                node, default = params, defaults
                 for part in key.split("."):
-                    node = node[part]
+                    node, default = node[part], default.get(part) if isinstance(default, dict) else None
+                if isinstance(node, dict) and isinstance(value, dict) and isinstance(default, dict):
+                    added = {k: node[k] for k in node.keys() - value.keys()}
+                    assert added == {k: default.get(k) for k in added}, f"{record}: {name}: {key} gained {added}"
+                    node = {k: v for k, v in node.items() if k in value}
                 assert plain(node) == plain(value), f"{record}: {name} read {key}={value!r}; {profile} gives {node!r}"
                 checked += 1
     assert locks and checked > 20
