@@ -160,8 +160,10 @@ def stage_code_deps(stage: "Stage", root: Path = ROOT) -> list[str]:
     """Every code dep of ``stage``, sorted: its module's import closure (:func:`code_deps`) and its
     plugins' (:func:`plugin_deps`; :data:`SCORER` for every stage that imports the scorers' package)."""
     deps = set(code_deps(f"stages.{stage.module}", root))
+    from rlhf_pipeline.registry import SCORERS
+
     plugins = stage.plugins
-    if "rlhf_pipeline/rewards/__init__.py" in deps and SCORER not in plugins:
+    if f"{SCORERS.package.replace('.', '/')}/__init__.py" in deps and SCORER not in plugins:
         plugins = (*plugins, SCORER)
     if plugins:
         deps |= plugin_deps(plugins, root)

@@ -67,7 +67,7 @@ class Scorers:
 
     def __init__(self, cfg: RewardParams, source: str = "params.yaml"):
         """Raises:
-            PipelineError: an unknown scorer or a bad key of one (``reward.scorers[i].key``)."""
+            PipelineError: an unknown scorer or a bad key of one (``reward.scorers.<i>.<key>``)."""
         self.cfg = cfg
         built = [SCORERS.build(s, f"reward.scorers.{i}", source) for i, s in enumerate(cfg.scorers)]
         self.scorers = [(scorer.cfg, scorer) for scorer in built]
