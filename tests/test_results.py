@@ -64,6 +64,7 @@ def test_a_profile_switching_the_objective_replaces_it_and_keeps_other_keys():
 
 
 @pytest.mark.parametrize("profile, record", [("envs/results.yaml", "results"),
+                                             ("envs/results_2x64_prompts.yaml", "results/dpo_2x64_prompts"),
                                              ("envs/results_3_iterations.yaml", "results/dpo_3_iterations"),
                                              ("envs/results_128_prompts.yaml", "results/dpo_128_prompts"),
                                              *[(f"envs/compare/{n}.yaml", f"results/compare/{n}")
