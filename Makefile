@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # Stage commands run `python`; put the project's environment first on PATH.
 RUN    := PATH="$(BIN):$$PATH" HF_HUB_DISABLE_TELEMETRY=1
 
-.PHONY: venv venv-deepspeed venv-vllm repro repro-classic repro-online compare results test dvc-yaml check-repro check-repro-ci bench clean-venv
+.PHONY: venv venv-deepspeed venv-vllm repro repro-classic repro-online compare results test test-ci dvc-yaml check-repro check-repro-ci bench clean-venv
 
 venv: $(STAMP)
 
@@ -73,7 +73,12 @@ dvc-yaml: venv
 	$(RUN) python -m stages.dag
 
 test: venv
-	$(RUN) HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python -m pytest -q -n auto --dist loadfile --durations=15
+	$(RUN) HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python -m pytest -q -n auto --dist loadfile --durations=15 -m "not ci_only"
+
+# The tests make test leaves out (marked ci_only: those of `make check-repro` and `make check-repro-ci`,
+# which rerun the whole tiny DAG from scratch, once and twice); .ci/run runs them after make test.
+test-ci: venv
+	$(RUN) HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python -m pytest -q --durations=5 -m ci_only
 
 # Rerun every stage in a scratch clone and compare each data/model output's md5 with dvc.lock.
 check-repro: venv

@@ -56,6 +56,7 @@ def test_edited_library_module_reruns_exactly_its_stages(tiny_project, tmp_path,
     assert lock_md5s(proj) == before
 
 
+@pytest.mark.ci_only  # the whole tiny DAG rerun from scratch: .ci/run (make test-ci), not make test
 def test_check_repro_passes_on_a_deterministic_pipeline(tiny_project, tmp_path):
     """`make check-repro` reruns everything in a scratch clone: identical hashes for every data and
     model output (two clones, same machine)."""
@@ -66,6 +67,7 @@ def test_check_repro_passes_on_a_deterministic_pipeline(tiny_project, tmp_path):
     assert f"all {len(lock_md5s(proj))} data and model outputs are byte-identical" in ok.stdout
 
 
+@pytest.mark.ci_only  # the whole tiny DAG twice: .ci/run (make test-ci), not make test
 def test_check_repro_ci_profile_runs_twice_and_names_the_first_difference(tiny_project, tmp_path,
                                                                           raw_tiny_model_dir, tiny_reward_model_dir):
     """`make check-repro-ci`: the iterated DAG on a small profile, twice from scratch in a scratch
