@@ -346,7 +346,8 @@ class OnlineParams(OptimizerParams):
     backend: Literal["transformers", "vllm"] = Field(
         "transformers", description="rollout sampler: the stage's (transformers) or vLLM, an engine in the stage's "
         "process into which the policy's weights are synced before every rollout step (TRL's colocate mode; "
-        "make venv-vllm). On a 2-core CPU it does not pay (docs/gpu.md)")
+        "make venv-vllm). Measured on a 2-core CPU at the default size: 2-3x the sampler's tokens/s, its start paid "
+        "back after about 3 rollout steps (docs/gpu.md)")
     vllm_gpu_memory_utilization: Number = Field(
         0.3, gt=0, le=1, description="backend vllm: the share of the device's memory vLLM reserves for its KV cache "
         "(on a CPU: of host memory), beside the policy being trained (TRL's default for colocate)")
