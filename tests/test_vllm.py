@@ -289,3 +289,42 @@ def test_the_generate_stage_samples_with_vllm_what_the_engine_samples(engine, vl
     assert set(got) == set(expected)
     for key, r in expected.items():
         assert got[key]["token_ids"] == r.token_ids and got[key]["finish_reason"] == r.finish_reason, key
+
+
+def test_the_benchmark_stage_answers_greedily_with_vllm(engine, vllm_model_dir, tokenizer, tmp_path):
+    """`python -m stages.benchmark_base` with ``generate.backend: vllm``: an evaluation stage samples
+    through the same engine path (greedy, one response per benchmark prompt): each answer is the
+    module engine's greedy answer, and the stage scores them with IFEval's checkers."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    import pyarrow.parquet as pq
+    import yaml
+    from conftest import REPO, stage_env
+
+    from rlhf_pipeline.benchmark import benchmark_prompts
+    from rlhf_pipeline.params import load_params
+
+    shutil.copytree(vllm_model_dir, tmp_path / "models/base")
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["generate"].update(backend="vllm", dtype="float32", gpu_memory_utilization=0.25)
+    raw["benchmark"].update(num_prompts=3, max_new_tokens=8)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "stages").symlink_to(REPO / "stages")
+    proc = subprocess.run([sys.executable, "-m", "stages.benchmark_base", "--policy", "models/base", "--out",
+                           "data/benchmark/base.parquet", "--metrics", "metrics/benchmark/base.json"], cwd=tmp_path,
+                          env=stage_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics/benchmark/base.json").read_text())
+    assert metrics["prompts"] == 3 and metrics["dtype"] == "float32"
+    assert 0 <= metrics["instruction_level_loose"] <= 1 and metrics["truncated_share"] >= 0
+    table = pq.read_table(tmp_path / "data/benchmark/base.parquet")
+    params = load_params(tmp_path / "params.yaml")
+    prompts = benchmark_prompts(3, params.seed)
+    greedy = sampled(engine, vllm_model_dir, tokenizer, list(zip(prompts.column("prompt_id").to_pylist(),
+                                                                 prompts.column("prompt").to_pylist())),
+                     params.benchmark.sampling(params.generate), seed=params.seed)
+    got = {(r["prompt_id"], r["response_idx"]): r["token_ids"] for r in table.to_pylist()}
+    assert got == {key: r.token_ids for key, r in greedy.items()}
