@@ -87,6 +87,7 @@ STAGE_ARGS = {
              "--scores data/scores.parquet --out data/pairs.parquet --metrics metrics/pairs.json",
     "ref_logprobs": "--previous models/base --base models/base --pairs data/pairs.parquet "
                     "--out data/ref_logprobs.parquet --metrics metrics/ref_logprobs.json",
+    "benchmark_base": "--policy models/base --out data/benchmark/base.parquet --metrics metrics/benchmark/base.json",
 }
 
 

@@ -246,45 +246,52 @@ def test_online_rollouts_sampled_by_vllm_learn_and_rerun_to_the_same_bytes(peake
     assert second[0].equals(first[0]) and second[2] == first[2]
 
 
+def run_stage_with_vllm(name: str, project, model_dir, **sections):
+    """Run stage ``name`` as `dvc repro` would (``conftest.stage_command``, its own process and engine)
+    in ``project``: ``model_dir`` as models/base, the committed params.yaml with ``generate.backend:
+    vllm`` in float32 (a quarter of host memory for the KV cache) and ``sections``' keys replaced."""
+    import shutil
+    import subprocess
+
+    import yaml
+    from conftest import REPO, stage_command, stage_env
+
+    shutil.copytree(model_dir, project / "models/base")
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["generate"].update(backend="vllm", dtype="float32", gpu_memory_utilization=0.25)
+    for section, values in sections.items():
+        raw[section].update(values)
+    (project / "params.yaml").write_text(yaml.safe_dump(raw))
+    (project / "stages").symlink_to(REPO / "stages")
+    proc = subprocess.run(stage_command(name), cwd=project, env=stage_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def test_the_generate_stage_samples_with_vllm_what_the_engine_samples(engine, vllm_model_dir, tokenizer, tmp_path):
     """`python -m stages.generate` with ``generate.backend: vllm`` (its own engine, started in the
     stage's process, as `dvc repro` runs it): the generations file has the schema, and each response
     the tokens the module's engine gives for the same seed (float32: batch-independent, above); the
     metrics name the backend."""
     import json
-    import shutil
-    import subprocess
-    import sys
 
     import pyarrow as pa
     import pyarrow.parquet as pq
-    import yaml
-    from conftest import REPO, stage_env
 
     from rlhf_pipeline.params import load_params
     from rlhf_pipeline.schemas import PROMPTS as PROMPTS_SCHEMA
 
-    shutil.copytree(vllm_model_dir, tmp_path / "models/base")
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["generate"].update(backend="vllm", dtype="float32", num_responses=2, max_new_tokens=12, temperature=0.8,
-                           top_p=0.9, gpu_memory_utilization=0.25)
-    raw["data"].update(prompts_per_iteration=len(PROMPTS), reuse_prompts=False)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     (tmp_path / "data/prompts").mkdir(parents=True)
     pq.write_table(pa.table({"prompt_id": [p for p, _ in PROMPTS], "prompt": [t for _, t in PROMPTS]},
                             schema=PROMPTS_SCHEMA), tmp_path / "data/prompts/train.parquet")
-    (tmp_path / "stages").symlink_to(REPO / "stages")
-    proc = subprocess.run([sys.executable, "-m", "stages.generate", "--iteration", "iter_1", "--policy", "models/base",
-                           "--prompts", "data/prompts/train.parquet", "--out", "data/iter_1/generations.parquet",
-                           "--metrics", "metrics/iter_1/generate.json"], cwd=tmp_path, env=stage_env(),
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    table = pq.read_table(tmp_path / "data/iter_1/generations.parquet")
+    run_stage_with_vllm("generate", tmp_path, vllm_model_dir,
+                        generate={"num_responses": 2, "max_new_tokens": 12, "temperature": 0.8, "top_p": 0.9},
+                        data={"prompts_per_iteration": len(PROMPTS), "reuse_prompts": False})
+    table = pq.read_table(tmp_path / "data/generations.parquet")
     assert table.schema.equals(GENERATIONS, check_metadata=False) and table.num_rows == 2 * len(PROMPTS)
-    metrics = json.loads((tmp_path / "metrics/iter_1/generate.json").read_text())
-    assert (metrics["backend"], metrics["dtype"], metrics["seed"]) == ("vllm", "float32", raw["seed"])
-    expected = sampled(engine, vllm_model_dir, tokenizer, PROMPTS, load_params(tmp_path / "params.yaml").generate,
-                       seed=raw["seed"])
+    params = load_params(tmp_path / "params.yaml")
+    metrics = json.loads((tmp_path / "metrics/generate.json").read_text())
+    assert (metrics["backend"], metrics["dtype"], metrics["seed"]) == ("vllm", "float32", params.seed)
+    expected = sampled(engine, vllm_model_dir, tokenizer, PROMPTS, params.generate, seed=params.seed)
     got = {(r["prompt_id"], r["response_idx"]): r for r in table.to_pylist()}
     assert set(got) == set(expected)
     for key, r in expected.items():
@@ -296,27 +303,13 @@ def test_the_benchmark_stage_answers_greedily_with_vllm(engine, vllm_model_dir, 
     through the same engine path (greedy, one response per benchmark prompt): each answer is the
     module engine's greedy answer, and the stage scores them with IFEval's checkers."""
     import json
-    import shutil
-    import subprocess
-    import sys
 
     import pyarrow.parquet as pq
-    import yaml
-    from conftest import REPO, stage_env
 
     from rlhf_pipeline.benchmark import benchmark_prompts
     from rlhf_pipeline.params import load_params
 
-    shutil.copytree(vllm_model_dir, tmp_path / "models/base")
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["generate"].update(backend="vllm", dtype="float32", gpu_memory_utilization=0.25)
-    raw["benchmark"].update(num_prompts=3, max_new_tokens=8)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    (tmp_path / "stages").symlink_to(REPO / "stages")
-    proc = subprocess.run([sys.executable, "-m", "stages.benchmark_base", "--policy", "models/base", "--out",
-                           "data/benchmark/base.parquet", "--metrics", "metrics/benchmark/base.json"], cwd=tmp_path,
-                          env=stage_env(), capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_stage_with_vllm("benchmark_base", tmp_path, vllm_model_dir, benchmark={"num_prompts": 3, "max_new_tokens": 8})
     metrics = json.loads((tmp_path / "metrics/benchmark/base.json").read_text())
     assert metrics["prompts"] == 3 and metrics["dtype"] == "float32"
     assert 0 <= metrics["instruction_level_loose"] <= 1 and metrics["truncated_share"] >= 0
