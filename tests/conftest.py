@@ -138,6 +138,8 @@ def tiny_overrides(model_dir, reward_model_dir) -> dict:
     return {
         "seed": 7,
         "policy": {"model": str(model_dir)},
+        # two iterations (params.yaml's default runs one): the tests of the DAG check the iteration chain
+        "iterations": {"iter_1": {"prev": "base"}, "iter_2": {"prev": "iter_1"}},
         # 12 train prompts: 4 per iteration, so a third iteration fits (tests/test_pipeline_dvc.py)
         "data": {"source": "ifeval", "num_prompts": 20, "test_size": 4, "val_size": 4, "prompts_per_iteration": 4},
         "generate": {"num_responses": 4, "max_new_tokens": 16, "batch_size": 16, "dtype": "float32"},

@@ -149,20 +149,25 @@ def test_every_dep_that_another_stage_writes_is_a_declared_output():
                 assert any(_overlaps(dep, o) for o in outputs), f"{stage} reads {dep}, which no stage writes"
 
 
-def test_iterations_chain_policies_and_keep_their_files_apart():
+def test_iterations_chain_policies_and_keep_their_files_apart(tmp_path):
     """Iteration t samples from and starts from models/<prev>, writes models/iter_t, and no two
-    stages write the same path."""
-    from rlhf_pipeline.params import load_params
+    stages write the same path: on the committed pipeline with three iterations (the default runs one)."""
+    import yaml
+    from conftest import make_project_clone
 
-    names = list(load_params(REPO / "params.yaml").iterations)
-    assert len(names) >= 2
-    for t, name in enumerate(names, start=1):
+    project = make_project_clone(tmp_path / "proj")
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["iterations"] = {"iter_1": {"prev": "base"}, "iter_2": {"prev": "iter_1"}, "iter_3": {"prev": "iter_2"}}
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    stages = resolved_stages(project)
+    for t, name in enumerate(params["iterations"], start=1):
         prev = "models/base" if t == 1 else f"models/iter_{t - 1}"
-        assert prev in STAGES[f"generate@{name}"]["deps"] and prev in STAGES[f"train@{name}"]["deps"]
-        assert f"models/{name}" in STAGES[f"train@{name}"]["outs"]
-        assert {prev, "models/base"} <= STAGES[f"ref_logprobs@{name}"]["deps"]
-    outs = [o for s in STAGES.values() for o in s["outs"]]
-    assert len(outs) == len(set(outs))
+        assert prev in stages[f"generate@{name}"]["deps"] and prev in stages[f"train@{name}"]["deps"]
+        assert f"models/{name}" in stages[f"train@{name}"]["outs"]
+        assert {prev, "models/base"} <= stages[f"ref_logprobs@{name}"]["deps"]
+    for pipeline in (stages, STAGES):
+        outs = [o for s in pipeline.values() for o in s["outs"]]
+        assert len(outs) == len(set(outs))
 
 
 # ---- params: recorded at run time -------------------------------------------------------------
