@@ -130,6 +130,52 @@ def test_policy_and_value_read_values_where_the_logits_of_each_token_are(tiny_mo
     assert values[1, 1:].abs().sum() == 0
 
 
+
+def test_gradient_checkpointing_recomputes_both_models_activations(tiny_model_dir):
+    """online.gradient_checkpointing keeps no MLP activation of the policy or the critic for the
+    backward pass (they are recomputed): what bounds the PPO update's memory on long prompts."""
+    from rlhf_pipeline.logprobs import token_logprobs_and_values
+    from rlhf_pipeline.models import load_policy, load_tokenizer
+    from rlhf_pipeline.online import load_value_model
+
+    cpu = torch.device("cpu")
+    policy, tok = load_policy(tiny_model_dir, torch.float32, cpu), load_tokenizer(tiny_model_dir)
+    both = PolicyAndValue(policy, load_value_model(tiny_model_dir, torch.float32, cpu)).train()
+    width = policy.config.intermediate_size
+    prompts, responses = [[5, 6, 7], [8, 9, 10, 11, 12]], [[20, 21, 22], [23]]
+
+    def kept_mlp_activations() -> int:
+        kept = []
+
+        def pack(t):
+            kept.append(t.shape[-1] == width)
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logps, values, _ = token_logprobs_and_values(both, prompts, responses, tok.pad_token_id, 1.0)
+        (logps.sum() + values.sum()).backward()
+        return sum(kept)
+
+    assert kept_mlp_activations() >= 2 * policy.config.num_hidden_layers
+    both.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert kept_mlp_activations() == 0
+
+
+def test_ppo_gives_the_same_updates_with_gradient_checkpointing(peaked_policy_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    runs = [run(peaked_policy_dir, tmp_path / str(gc), "ppo", rollout_steps=1, gradient_checkpointing=gc)
+            for gc in (False, True)]
+    timing = {"seconds", "tokens_per_second"}
+    (plain, _, _), (checkpointed, _, _) = runs
+    rows = [[{k: v for k, v in row.items() if k not in timing} for row in r[1]] for r in runs]
+    # recomputing a layer's forward on CPU repeats its arithmetic: the same figures and weights, exactly
+    assert len(rows[0]) == 4 and rows[0] == rows[1]
+    assert plain.rollouts_table().column("token_ids") == checkpointed.rollouts_table().column("token_ids")
+    weights = [load_file(tmp_path / str(gc) / "policy" / "model.safetensors") for gc in (False, True)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[1][name], weights[0][name]) for name in weights[0])
+
+
 def test_online_params_reject_an_odd_number_of_responses_for_rebel():
     def check(name):
         cfg = online_cfg(num_responses=3, algorithms={name: {"name": name}})
