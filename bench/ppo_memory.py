@@ -8,7 +8,7 @@ the padded width of the micro-batch: rows are right-padded to the longest, and t
 are kept from the shortest prompt's end on, so one long prompt makes every row wide. The train
 prompts run from about 50 to 1 020 tokens (chat template included).
 
-Each case runs in its own process (peak RSS, ``VmHWM``, is per process), configured as a stage's
+Each case runs in its own process (peak RSS is per process), configured as a stage's
 process is (``configure_process``: freed memory stays in the heap), on the prepared base model in
 float32 (``online.dtype``) with random token ids (memory does not depend on which tokens):
     python bench/ppo_memory.py --model models/base
@@ -28,9 +28,11 @@ CASES = [("4 short", [130] * 4), ("2 short + 2 long", [50, 1000, 50, 1000]), ("4
 
 
 def peak_gb() -> float:
-    with open("/proc/self/status") as f:
-        kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-    return kb / 1e6
+    """This process's peak RSS as the stages record it (``peak_rss_mb``), in GB of 10^6 KiB, the unit of
+    ``/usr/bin/time -v``'s maximum resident set size / 10^6 that the docs quote beside it."""
+    from rlhf_pipeline.cli import peak_rss_mb
+
+    return peak_rss_mb() * 1024 / 1e6
 
 
 def one_case(model_dir: str, prompt_lengths: list[int], response_length: int, checkpointing: bool) -> None:

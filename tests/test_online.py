@@ -130,7 +130,6 @@ def test_policy_and_value_read_values_where_the_logits_of_each_token_are(tiny_mo
     assert values[1, 1:].abs().sum() == 0
 
 
-
 def test_gradient_checkpointing_recomputes_both_models_activations(tiny_model_dir):
     """online.gradient_checkpointing keeps no MLP activation of the policy or the critic for the
     backward pass (they are recomputed): what bounds the PPO update's memory on long prompts."""
