@@ -87,6 +87,8 @@ STAGE_ARGS = {
              "--scores data/scores.parquet --out data/pairs.parquet --metrics metrics/pairs.json",
     "ref_logprobs": "--previous models/base --base models/base --pairs data/pairs.parquet "
                     "--out data/ref_logprobs.parquet --metrics metrics/ref_logprobs.json",
+    "evaluate_base": "--policy models/base --val data/prompts/val.parquet --test data/prompts/test.parquet "
+                     "--out data/eval/base.parquet --metrics metrics/eval/base.json",
     "benchmark_base": "--policy models/base --out data/benchmark/base.parquet --metrics metrics/benchmark/base.json",
 }
 

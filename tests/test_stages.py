@@ -290,3 +290,58 @@ def test_iterations_that_would_run_out_of_prompts_fail_before_any_iteration(tmp_
     write_params(tmp_path, data, iterations={k: v for k, v in iterations.items() if k in ("iter_1", "iter_2", "iter_3")})
     assert run_stage(tmp_path, "prepare_prompts").returncode == 0
     assert json.loads((tmp_path / "metrics/prepare_prompts.json").read_text())["dropped_control_tokens"] == 1
+
+
+def held_out_prompts(root, test_ids_from_val: int = 0):
+    """data/prompts/{val,test}.parquet from IFEval: 2 validation and 3 test prompts (the test file
+    reusing the first ``test_ids_from_val`` validation prompts)."""
+    from rlhf_pipeline.data import load_ifeval, split_prompts
+
+    split = split_prompts(load_ifeval(), 8, 3, 2, seed=0)
+    test = pa.concat_tables([split.val.slice(0, test_ids_from_val), split.test]) if test_ids_from_val else split.test
+    (root / "data/prompts").mkdir(parents=True)
+    pq.write_table(split.val, root / "data/prompts/val.parquet")
+    pq.write_table(test, root / "data/prompts/test.parquet")
+    return split.val, test
+
+
+def test_evaluate_base_samples_both_splits_as_one_split_at_a_time_would(tmp_path, tiny_model_dir):
+    """One sampling pass for validation and test: each split's rows, in order, are what sampling that
+    split alone gives (same seeds), and its metrics are that split's."""
+    from rlhf_pipeline.evaluation import policy_summary, sample_and_score
+    from rlhf_pipeline.params import load_params
+    from rlhf_pipeline.rewards import Scorers
+
+    with_base(tmp_path, tiny_model_dir)
+    val, test = held_out_prompts(tmp_path)
+    write_params(tmp_path, generate={"dtype": "float32", "batch_size": 4},
+                 evaluate={"num_responses": 2, "max_new_tokens": 6, "temperature": 0.8})
+    proc = run_stage(tmp_path, "evaluate_base")
+    assert proc.returncode == 0, proc.stderr
+    out = pq.read_table(tmp_path / "data/eval/base.parquet")
+    metrics = json.loads((tmp_path / "metrics/eval/base.json").read_text())
+    assert out.column("split").to_pylist() == ["val"] * 4 + ["test"] * 6
+    os.chdir(tmp_path)  # load_params reads ./params.yaml
+    try:
+        params = load_params()
+    finally:
+        os.chdir(REPO)
+    scorers = Scorers(params.reward)
+    for split, prompts in (("val", val), ("test", test)):
+        alone, _ = sample_and_score(tmp_path / "models/base", prompts, params.evaluate.sampling(params.generate),
+                                    scorers, params.seed, split)
+        part = out.filter(pa.compute.equal(out.column("split"), split)).drop_columns(["split"])
+        assert part.to_pylist() == alone.to_pylist()
+        assert metrics[split] == {"prompts": prompts.num_rows, **policy_summary(alone, scorers)}
+    assert metrics["generation_seconds"] > 0 and "generation_seconds" not in metrics["val"]
+
+
+def test_evaluate_base_refuses_a_prompt_in_both_splits(tmp_path, tiny_model_dir):
+    with_base(tmp_path, tiny_model_dir)
+    val, _ = held_out_prompts(tmp_path, test_ids_from_val=1)
+    write_params(tmp_path)
+    proc = run_stage(tmp_path, "evaluate_base")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert (f"data/prompts/val.parquet and data/prompts/test.parquet share 1 prompt ids "
+            f"(e.g. {val.column('prompt_id')[0].as_py()}): rerun prepare_prompts") in proc.stderr
+    assert not (tmp_path / "data/eval").exists() and not (tmp_path / "metrics").exists()
