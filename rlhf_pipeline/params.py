@@ -212,7 +212,10 @@ class SamplingParams(Section):
                                                   "sampler's slots; a finished one's slot takes the next")
     dtype: Dtype = "auto"
     tensor_parallel_size: Int = Field(1, ge=1, description="vllm only")
-    gpu_memory_utilization: Number = Field(0.9, gt=0, le=1, description="vllm only")
+    gpu_memory_utilization: Number = Field(
+        0.9, gt=0, le=1, description="vllm only: the share of the device's memory vLLM reserves (weights, KV cache); "
+        "on a CPU a share of host memory, so 0.9 leaves the stage's own process too little (a 24 GiB machine "
+        "thrashed): -S generate.gpu_memory_utilization=0.3 there (docs/gpu.md)")
 
 
 class GenerateParams(SamplingParams):
@@ -503,7 +506,7 @@ class BenchmarkParams(Section):
     instruction-level accuracy, strict and loose, with paired bootstrap intervals over prompts.
     The full set is read once per pipeline execution, at the end: tune on the validation split."""
 
-    num_prompts: Int | None = Field(16, ge=1, description="null: all 541 prompts, the benchmark as reported "
+    num_prompts: Int | None = Field(8, ge=1, description="null: all 541 prompts, the benchmark as reported "
                                     "(envs/results.yaml); a number: a seeded subset, for the small default and "
                                     "tests (never a reported figure)")
     max_new_tokens: Int = Field(1280, gt=0, description="tokens; lm-evaluation-harness's IFEval limit, room for the "
