@@ -4,8 +4,8 @@ A stage of its own, so that experiments which change only training reuse it; eve
 compared with these responses (same prompts, same per-response seeds).
 
 Both splits are sampled in one pass: a decode step of a small batch costs about what a larger one
-does on a CPU (the weights are read once per step), so 16 + 24 greedy responses together took 98 s
-against 65 + 72 s one split after the other, the same responses (docs/results.md).
+does on a CPU (the weights are read once per step): 16 + 24 greedy responses took 106 s together
+against 54 + 65 s one split after the other, the same responses (docs/results.md, "The small default").
 """
 
 import pyarrow as pa
