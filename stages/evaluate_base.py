@@ -30,8 +30,8 @@ def main(argv=None) -> None:
     prompts = {split: read_parquet(getattr(args, split), columns(PROMPTS)) for split in SPLITS}
     ids = {split: set(table.column("prompt_id").to_pylist()) for split, table in prompts.items()}
     if shared := ids["val"] & ids["test"]:
-        raise PipelineError(f"{args.val} and {args.test} share {len(shared)} prompt ids "
-                            f"(e.g. {min(shared)}): rerun prepare_prompts")
+        raise PipelineError(f"{args.val} and {args.test} both hold {len(shared)} prompt id(s), e.g. "
+                            f"{min(shared)}: rerun prepare_prompts")
     table, facts = sample_and_score(args.policy, pa.concat_tables(prompts.values()), sampling, scorers,
                                     params.seed, f"{args.val} + {args.test}")
     tables, metrics = [], {}

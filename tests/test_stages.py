@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -321,16 +322,12 @@ def test_evaluate_base_samples_both_splits_as_one_split_at_a_time_would(tmp_path
     out = pq.read_table(tmp_path / "data/eval/base.parquet")
     metrics = json.loads((tmp_path / "metrics/eval/base.json").read_text())
     assert out.column("split").to_pylist() == ["val"] * 4 + ["test"] * 6
-    os.chdir(tmp_path)  # load_params reads ./params.yaml
-    try:
-        params = load_params()
-    finally:
-        os.chdir(REPO)
+    params = load_params(tmp_path / "params.yaml")
     scorers = Scorers(params.reward)
     for split, prompts in (("val", val), ("test", test)):
         alone, _ = sample_and_score(tmp_path / "models/base", prompts, params.evaluate.sampling(params.generate),
                                     scorers, params.seed, split)
-        part = out.filter(pa.compute.equal(out.column("split"), split)).drop_columns(["split"])
+        part = out.filter(pc.equal(out.column("split"), split)).drop_columns(["split"])
         assert part.to_pylist() == alone.to_pylist()
         assert metrics[split] == {"prompts": prompts.num_rows, **policy_summary(alone, scorers)}
     assert metrics["generation_seconds"] > 0 and "generation_seconds" not in metrics["val"]
@@ -342,6 +339,6 @@ def test_evaluate_base_refuses_a_prompt_in_both_splits(tmp_path, tiny_model_dir)
     write_params(tmp_path)
     proc = run_stage(tmp_path, "evaluate_base")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert (f"data/prompts/val.parquet and data/prompts/test.parquet share 1 prompt ids "
-            f"(e.g. {val.column('prompt_id')[0].as_py()}): rerun prepare_prompts") in proc.stderr
+    assert (f"data/prompts/val.parquet and data/prompts/test.parquet both hold 1 prompt id(s), e.g. "
+            f"{val.column('prompt_id')[0].as_py()}: rerun prepare_prompts") in proc.stderr
     assert not (tmp_path / "data/eval").exists() and not (tmp_path / "metrics").exists()
